@@ -1,0 +1,44 @@
+"""Writing outputs so that an interrupted or failed run leaves nothing half-written behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from uniseg_cli.errors import UnisegError
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; it becomes ``dest`` only if the block succeeds.
+
+    An existing non-empty ``dest`` is an error unless ``overwrite``; then it is replaced only after
+    the new folder is complete.
+    """
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise UnisegError(f"{dest}: exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise UnisegError(f"{dest}: folder exists and is not empty (use --force to replace it)")
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise UnisegError(f"{dest}: cannot create the output folder ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = parent / f".{dest.name}.{os.getpid()}.old"
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

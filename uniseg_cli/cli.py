@@ -1,0 +1,76 @@
+"""The ``uniseg`` command: wires the Typer app, the global options and the subcommands.
+
+Each subcommand lives in ``uniseg_cli/commands/<verb>.py``. ``main()`` turns every ``UnisegError``
+into one ``Error: …`` line on standard error and the error's exit code (1 runtime, 2 usage).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import typer
+
+from uniseg_cli import __version__
+from uniseg_cli.commands import tasks, weights
+from uniseg_cli.errors import UnisegError
+
+HELP = """Prompt-driven universal 3D medical image segmentation (UniSeg).
+
+One network segments liver, kidney, pancreas, spleen, tumours, vertebrae, prostate, brain
+tumours and PET lesions; the task prompt says which.
+
+\b
+Examples:
+  uniseg tasks                          list the tasks and their aliases
+  uniseg tasks --json                   the same as JSON
+  uniseg weights import model_final_checkpoint.model -o uniseg-11task
+"""
+
+app = typer.Typer(
+    name="uniseg",
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"uniseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debugging detail to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings and errors."),
+) -> None:
+    from uniseg_cli.log import setup_logging
+
+    setup_logging(-1 if quiet else (1 if verbose else 0))
+
+
+app.command("tasks")(tasks.tasks)
+app.add_typer(weights.app, name="weights")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    try:
+        app(args=argv, prog_name="uniseg")
+    except UnisegError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

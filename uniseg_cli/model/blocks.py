@@ -1,0 +1,80 @@
+"""The building blocks of the UniSeg network, named as in the published state dict.
+
+Every block is ``Conv3d(bias) → InstanceNorm3d(eps 1e-5, affine) → LeakyReLU(0.01)``, as in
+nnU-Net v1's ``ConvDropoutNormNonlin`` without dropout; the attribute names (``conv``,
+``instnorm``, ``blocks``) are part of the checkpoint format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from uniseg_cli.errors import InputShapeError
+
+NORM_EPS = 1e-5
+LEAKY_SLOPE = 0.01
+
+Triple = tuple[int, int, int]
+
+
+def _padding(kernel: Triple) -> Triple:
+    # Kernels are 1 or 3 per axis: padding k // 2 keeps the shape (up to the stride).
+    return tuple(k // 2 for k in kernel)  # type: ignore[return-value]
+
+
+class ConvBlock(nn.Module):
+    """One convolution, instance norm and leaky ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel: Triple, stride: Triple = (1, 1, 1)) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride, _padding(kernel), bias=True)
+        self.instnorm = nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True)
+        self.lrelu = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lrelu(self.instnorm(self.conv(x)))
+
+
+class MultiInputConvBlock(nn.Module):
+    """The first block of the encoder: one input convolution per accepted channel count.
+
+    UniSeg takes CT or MR (1 channel), CT+PET (2) and four MR sequences (4) with the same network;
+    ``conv_<n>`` handles ``n`` channels and all share the block's instance norm.
+    """
+
+    def __init__(self, in_channel_options: Sequence[int], out_channels: int, *, kernel: Triple) -> None:
+        super().__init__()
+        self.in_channel_options = tuple(in_channel_options)
+        for n in self.in_channel_options:
+            self.add_module(f"conv_{n}", nn.Conv3d(n, out_channels, kernel, 1, _padding(kernel), bias=True))
+        self.instnorm = nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True)
+        self.lrelu = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        if channels not in self.in_channel_options:
+            options = ", ".join(map(str, self.in_channel_options))
+            raise InputShapeError(f"the model takes {options} input channels, got {channels}")
+        return self.lrelu(self.instnorm(getattr(self, f"conv_{channels}")(x)))
+
+
+class StackedConvBlocks(nn.Module):
+    """A sequence of conv blocks stored under ``.blocks``; only the first one strides."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    @classmethod
+    def uniform(cls, in_channels: int, out_channels: int, count: int, *, kernel: Triple,
+                first_stride: Triple = (1, 1, 1)) -> StackedConvBlocks:
+        """``count`` blocks of ``out_channels``; the first maps ``in_channels`` and strides."""
+        blocks = [ConvBlock(in_channels, out_channels, kernel=kernel, stride=first_stride)]
+        blocks += [ConvBlock(out_channels, out_channels, kernel=kernel) for _ in range(count - 1)]
+        return cls(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)

@@ -1,0 +1,147 @@
+"""The UniSeg network: a 3D U-Net whose decoder is told the task by a learned universal prompt.
+
+Module and parameter names, their registration order and shapes are the published checkpoint's
+state-dict format (DESIGN.md §1; the full list is pinned in the tests). The encoder and decoder are
+therefore not wrapped in sub-modules of their own: their parts hang directly off ``UniSeg`` as
+``conv_blocks_context``, ``conv_blocks_localization``, ``tu`` and ``seg_outputs``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from uniseg_cli.config import UniSegConfig
+from uniseg_cli.errors import InputShapeError
+from uniseg_cli.model.blocks import LEAKY_SLOPE, ConvBlock, MultiInputConvBlock, StackedConvBlocks
+
+
+def build_encoder(config: UniSegConfig) -> nn.ModuleList:
+    """Stages 0…n: conv blocks, down-sampling by the first block's stride (no pooling layers)."""
+    features = config.stage_features
+    stages = nn.ModuleList()
+    for d, (out_ch, kernel) in enumerate(zip(features, config.conv_kernels)):
+        stride = config.pool_kernels[d - 1] if d > 0 else (1, 1, 1)
+        if d == 0:
+            first: nn.Module = MultiInputConvBlock(config.input_channels, out_ch, kernel=kernel)
+            rest = [ConvBlock(out_ch, out_ch, kernel=kernel) for _ in range(config.convs_per_stage - 1)]
+            stages.append(StackedConvBlocks([first, *rest]))
+        elif d < config.num_stages - 1:
+            stages.append(StackedConvBlocks.uniform(features[d - 1], out_ch, config.convs_per_stage,
+                                                    kernel=kernel, first_stride=stride))
+        else:
+            # The bottleneck is stored as two stacks (nnU-Net v1's layout): the strided part, then one block.
+            stages.append(nn.Sequential(
+                StackedConvBlocks.uniform(features[d - 1], out_ch, config.convs_per_stage - 1,
+                                          kernel=kernel, first_stride=stride),
+                StackedConvBlocks.uniform(out_ch, out_ch, 1, kernel=kernel),
+            ))
+    return stages
+
+
+def build_fusion(config: UniSegConfig) -> StackedConvBlocks:
+    """Three 3×3×3 blocks mixing bottleneck features with the prompt into one map per task."""
+    width_in = config.stage_features[-1] + config.num_tasks
+    hidden = config.fusion_features
+    k = (3, 3, 3)
+    return StackedConvBlocks([
+        ConvBlock(width_in, hidden, kernel=k),
+        ConvBlock(hidden, hidden, kernel=k),
+        ConvBlock(hidden, config.num_tasks, kernel=k),
+    ])
+
+
+def build_decoder(config: UniSegConfig) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList]:
+    """Transposed convs, localization stacks and seg heads, coarse to fine, read off the encoder layout.
+
+    The first transposed conv takes one extra channel: the task's prompt map.
+    """
+    features = config.stage_features
+    n = len(config.pool_kernels)
+    tu, localization, heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+    from_below = features[-1] + 1
+    for u in range(n):
+        skip = features[n - 1 - u]
+        pool = config.pool_kernels[n - 1 - u]
+        kernel = config.conv_kernels[n - u]
+        tu.append(nn.ConvTranspose3d(from_below, skip, pool, pool, bias=False))
+        localization.append(nn.Sequential(
+            StackedConvBlocks.uniform(2 * skip, skip, config.convs_per_stage - 1, kernel=kernel),
+            StackedConvBlocks.uniform(skip, skip, 1, kernel=kernel),
+        ))
+        heads.append(nn.Conv3d(skip, config.num_classes, 1, 1, 0, bias=False))
+        from_below = skip
+    return tu, localization, heads
+
+
+class UniSeg(nn.Module):
+    """UniSeg for one configuration; ``forward(x, task)`` segments a batch of patches for one task.
+
+    In training mode (with ``deep_supervision``) the forward returns the logits of every decoder
+    level, finest first; in eval mode only the full-resolution logits. No softmax is applied.
+    """
+
+    def __init__(self, config: UniSegConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.deep_supervision = True
+        encoder = build_encoder(config)
+        tu, localization, heads = build_decoder(config)
+        # Registration order = state-dict order of the published checkpoint.
+        self.intermedia_prompt = nn.Parameter(torch.randn(1, config.num_tasks, *config.prompt_shape))
+        self.fusion_layer = build_fusion(config)
+        self.conv_blocks_localization = localization
+        self.conv_blocks_context = encoder
+        self.tu = tu
+        self.seg_outputs = heads
+        self.apply(init_he_normal)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse what the network cannot take, with the expected shape in the message."""
+        if x.ndim != 5:
+            raise InputShapeError(f"expected a 5-D tensor (batch, channels, z, y, x), got shape {tuple(x.shape)}")
+        if x.shape[1] not in self.config.input_channels:
+            options = ", ".join(map(str, self.config.input_channels))
+            raise InputShapeError(f"the model takes {options} input channels, got {x.shape[1]}")
+        if tuple(x.shape[2:]) != self.config.patch_size:
+            raise InputShapeError(
+                f"the model takes patches of exactly {self.config.patch_size} voxels (its prompt is tied to "
+                f"the patch size), got {tuple(x.shape[2:])}"
+            )
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Skip features of stages 0…n-1 followed by the bottleneck; shared by every task."""
+        self.check_input(x)
+        features = []
+        for stage in self.conv_blocks_context:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def decode(self, features: list[torch.Tensor], task: int) -> torch.Tensor | list[torch.Tensor]:
+        """Logits for ``task`` from the encoder's features (see ``forward`` for the return value)."""
+        if not 0 <= task < self.config.num_tasks:
+            raise InputShapeError(f"task index {task} is out of range: the model has {self.config.num_tasks} tasks")
+        *skips, x = features
+        prompt = self.intermedia_prompt.expand(x.shape[0], -1, -1, -1, -1)
+        task_maps = self.fusion_layer(torch.cat([x, prompt], dim=1))
+        x = torch.cat([x, task_maps[:, task:task + 1]], dim=1)
+        outputs = []
+        for u, (up, local, head) in enumerate(zip(self.tu, self.conv_blocks_localization, self.seg_outputs)):
+            x = local(torch.cat([up(x), skips[-(u + 1)]], dim=1))
+            if self.training and self.deep_supervision or u == len(self.tu) - 1:
+                outputs.append(head(x))
+        if self.training and self.deep_supervision:
+            return outputs[::-1]
+        return outputs[-1]
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor | list[torch.Tensor]:
+        return self.decode(self.encode(x), task)
+
+
+def init_he_normal(module: nn.Module) -> None:
+    """nnU-Net's ``InitWeights_He(1e-2)``: He normal conv weights, zero biases."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=LEAKY_SLOPE)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,211 @@
+"""The task registry: what each segmentation task takes as input and what it labels.
+
+Plain data, importable without torch, so that ``uniseg tasks`` answers instantly. A model carries
+its own task list in ``config.json`` (a fine-tuned model may add tasks); ``UPSTREAM_TASKS`` are the
+11 tasks of the published UniSeg model (DESIGN.md §2) and the default for new configurations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from uniseg_cli.errors import ConfigError, UnknownNameError
+
+#: The published pipeline clips CT to this window (HU) and scales it to [0, 1].
+CT_WINDOW: tuple[float, float] = (-325.0, 325.0)
+
+NORMALIZATIONS = ("ct", "zscore")
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One input channel: its name (shown to users), modality and how it is normalised.
+
+    ``normalization`` is ``"ct"`` (clip to ``window`` then scale to [0, 1]) or ``"zscore"``
+    (subtract the mean, divide by the standard deviation over the cropped image).
+    """
+
+    name: str
+    modality: str
+    normalization: str = "zscore"
+    window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(
+                f"channel {self.name!r}: normalization must be one of {NORMALIZATIONS}, "
+                f"got {self.normalization!r}"
+            )
+        if (self.normalization == "ct") != (self.window is not None):
+            raise ConfigError(f"channel {self.name!r}: a window is given exactly for CT normalization")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One segmentation task the model is prompted with.
+
+    ``id`` is the index of the task's prompt channel in the network; ``labels`` are the foreground
+    classes in output order (class 0 is always background), so the task uses the first
+    ``len(labels) + 1`` of the network's output channels.
+    """
+
+    id: int
+    key: str
+    name: str
+    channels: tuple[Channel, ...]
+    labels: tuple[str, ...]
+    target_spacing: tuple[float, float, float]
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels the task uses, background included."""
+        return len(self.labels) + 1
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(c.modality for c in self.channels)
+
+    def names(self) -> tuple[str, ...]:
+        """Every spelling that selects this task: key, aliases and the id as text."""
+        return (self.key, *self.aliases, str(self.id))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "key": self.key,
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "channels": [
+                {
+                    "name": c.name,
+                    "modality": c.modality,
+                    "normalization": c.normalization,
+                    **({"window": list(c.window)} if c.window is not None else {}),
+                }
+                for c in self.channels
+            ],
+            "labels": list(self.labels),
+            "target_spacing": list(self.target_spacing),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Task:
+        """Parse one task of ``config.json``; unknown keys and wrong types are ConfigErrors."""
+        where = f"task {data.get('key', data.get('id', '?'))!r}"
+        _check_keys(data, required={"id", "key", "name", "channels", "labels", "target_spacing"},
+                    optional={"aliases"}, where=where)
+        channels = []
+        for raw in _typed(data["channels"], list, where, "channels"):
+            _check_keys(raw, required={"name", "modality", "normalization"}, optional={"window"},
+                        where=f"{where} channel")
+            window = raw.get("window")
+            channels.append(Channel(
+                name=_typed(raw["name"], str, where, "channel name"),
+                modality=_typed(raw["modality"], str, where, "channel modality"),
+                normalization=_typed(raw["normalization"], str, where, "channel normalization"),
+                window=None if window is None else _float_tuple(window, 2, where, "channel window"),
+            ))
+        return cls(
+            id=_typed(data["id"], int, where, "id"),
+            key=_typed(data["key"], str, where, "key"),
+            name=_typed(data["name"], str, where, "name"),
+            aliases=tuple(_typed(a, str, where, "alias") for a in _typed(data.get("aliases", []), list, where, "aliases")),
+            channels=tuple(channels),
+            labels=tuple(_typed(v, str, where, "label") for v in _typed(data["labels"], list, where, "labels")),
+            target_spacing=_float_tuple(data["target_spacing"], 3, where, "target_spacing"),
+        )
+
+
+def _check_keys(data: Any, *, required: set[str], optional: set[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    missing = required - set(data)
+    unknown = set(data) - required - optional
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(sorted(missing))}")
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+
+
+def _typed(value: Any, kind: type, where: str, what: str) -> Any:
+    # bool is an int subclass; a JSON true where a number belongs is still a mistake.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {what} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _float_tuple(value: Any, n: int, where: str, what: str) -> tuple[float, ...]:
+    if (not isinstance(value, list) or len(value) != n
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{where}: {what} must be a list of {n} numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _ct(name: str = "CT") -> Channel:
+    return Channel(name, "CT", "ct", CT_WINDOW)
+
+
+def _mr(name: str) -> Channel:
+    return Channel(name, "MR", "zscore")
+
+
+_ABDOMEN = (3.0, 1.5, 1.5)
+
+UPSTREAM_TASKS: tuple[Task, ...] = (
+    Task(0, "liver", "liver and liver tumour", (_ct(),), ("liver", "liver tumour"), _ABDOMEN,
+         aliases=("live", "lits")),
+    Task(1, "kidney", "kidney and kidney tumour", (_ct(),), ("kidney", "kidney tumour"), _ABDOMEN,
+         aliases=("kidn", "kits")),
+    Task(2, "hepatic_vessel", "hepatic vessel and tumour", (_ct(),), ("hepatic vessel", "hepatic tumour"),
+         _ABDOMEN, aliases=("hepa", "hepaticvessel", "vessel")),
+    Task(3, "pancreas", "pancreas and tumour", (_ct(),), ("pancreas", "pancreas tumour"), _ABDOMEN,
+         aliases=("panc",)),
+    Task(4, "colon", "colon tumour", (_ct(),), ("colon tumour",), _ABDOMEN, aliases=("colo",)),
+    Task(5, "lung", "lung tumour", (_ct(),), ("lung tumour",), _ABDOMEN, aliases=()),
+    Task(6, "spleen", "spleen", (_ct(),), ("spleen",), _ABDOMEN, aliases=("sple",)),
+    Task(7, "vertebrae", "vertebrae (VerSe20)", (_ct(),), ("vertebrae",), (4.0, 2.0, 2.0),
+         aliases=("vert", "verse", "spine")),
+    Task(8, "prostate", "prostate", (_mr("T2"),), ("prostate",), _ABDOMEN, aliases=("pros",)),
+    Task(9, "brain_tumor", "brain tumour (BraTS21)",
+         (_mr("T1"), _mr("T1ce"), _mr("T2"), _mr("FLAIR")),
+         ("edema", "non-enhancing tumour", "enhancing tumour"), (1.0, 1.0, 1.0),
+         aliases=("brat", "brats", "brain", "brain_tumour")),
+    Task(10, "pet_lesion", "whole-body lesions (AutoPET)",
+         (_ct(), Channel("PET", "PET", "zscore")), ("lesion",), (8.0, 4.0, 4.0),
+         aliases=("pet", "autopet", "lesion")),
+)
+
+
+def validate_tasks(tasks: Sequence[Task]) -> None:
+    """Ids must be 0…T-1 in order (they index the prompt), and every name must select one task."""
+    seen: dict[str, str] = {}
+    for index, task in enumerate(tasks):
+        if task.id != index:
+            raise ConfigError(f"task {task.key!r}: id {task.id} at position {index}; ids must be 0…{len(tasks) - 1} in order")
+        if not task.channels:
+            raise ConfigError(f"task {task.key!r}: no input channels")
+        if not task.labels:
+            raise ConfigError(f"task {task.key!r}: no foreground labels")
+        if any(s <= 0 for s in task.target_spacing):
+            raise ConfigError(f"task {task.key!r}: target_spacing must be positive, got {task.target_spacing}")
+        for name in task.names():
+            lowered = name.lower()
+            if lowered in seen and seen[lowered] != task.key:
+                raise ConfigError(f"name {name!r} selects both task {seen[lowered]!r} and task {task.key!r}")
+            seen[lowered] = task.key
+
+
+def resolve_task(spec: str | int, tasks: Iterable[Task] = UPSTREAM_TASKS) -> Task:
+    """The task a user means by a key, alias or id (case-insensitive); unknown names suggest one."""
+    tasks = tuple(tasks)
+    wanted = str(spec).strip().lower()
+    for task in tasks:
+        if wanted in (n.lower() for n in task.names()):
+            return task
+    raise UnknownNameError("task", str(spec), [t.key for t in tasks] + [a for t in tasks for a in t.aliases])
+
+
+validate_tasks(UPSTREAM_TASKS)
