@@ -73,8 +73,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused: {_blocked_global(str(exc))}") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # a corrupt file fails anywhere inside torch's parser (KeyError, EOFError, …)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from None
     if isinstance(data, Mapping) and "state_dict" in data:
         epoch = data.get("epoch")
         log.info("read %s (nnU-Net v1 checkpoint%s)", path.name, f", epoch {epoch}" if epoch is not None else "")
@@ -97,14 +98,16 @@ def read_plans(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such file") from None
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused: {exc}") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise CheckpointError(f"{path}: not a readable plans pickle ({_first_line(exc)})") from None
+    except Exception as exc:  # truncated or foreign data fails anywhere inside the unpickler
+        raise CheckpointError(f"{path}: not a readable plans pickle ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path}: not an nnU-Net plans file (top level is {type(data).__name__})")
     plans = data.get("plans", data)
     if not isinstance(plans, Mapping) or "plans_per_stage" not in plans:
         raise CheckpointError(f"{path}: not an nnU-Net v1 plans file (no 'plans_per_stage')")
     stages = plans["plans_per_stage"]
+    if not isinstance(stages, Mapping) or not stages or not all(isinstance(v, Mapping) for v in stages.values()):
+        raise CheckpointError(f"{path}: not an nnU-Net v1 plans file ('plans_per_stage' is not a dict of stages)")
     init = data.get("init")
     stage = init[5] if isinstance(init, (tuple, list)) and len(init) > 5 and init[5] in stages else max(stages)
     return {**plans, "stage": stage}

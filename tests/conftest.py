@@ -1,0 +1,56 @@
+"""Shared fixtures: the CLI run in-process, tiny models, and a real CT patch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+CT = DATA / "example_ct.nii.gz"
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``uniseg ARGS…`` through the real entry point; returns (exit code, stdout, stderr)."""
+    from uniseg_cli.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def ct_volume():
+    """The real abdominal CT as a float32 (z, y, x) array in HU."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(CT))).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def ct_patch(ct_volume):
+    """A 32×64×64 patch through the kidneys of the real CT, CT-normalised, shape (1, 1, z, y, x)."""
+    import numpy as np
+    import torch
+
+    z, y, x = (s // 2 for s in ct_volume.shape)
+    patch = ct_volume[z - 16:z + 16, y - 32:y + 32, x - 32:x + 32]
+    patch = (np.clip(patch, -325, 325) + 325) / 650
+    return torch.from_numpy(np.ascontiguousarray(patch))[None, None]
+
+
+@pytest.fixture
+def small_model():
+    """A freshly initialised tiny model (patch 32×64×64, 4 base features), seeded."""
+    import torch
+
+    from uniseg_cli.config import small_config
+    from uniseg_cli.model.network import UniSeg
+
+    torch.manual_seed(0)
+    return UniSeg(small_config()).eval()

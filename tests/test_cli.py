@@ -1,0 +1,32 @@
+"""The command itself: entry points, help, version, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from uniseg_cli import __version__
+
+
+def test_version_and_help(run_cli):
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"uniseg {__version__}"
+    code, out, _ = run_cli("--help")
+    assert code == 0 and "Examples:" in out and "uniseg tasks --json" in out
+    assert "tasks" in out and "weights" in out
+
+
+def test_usage_errors_exit_2(run_cli):
+    code, _, err = run_cli("segment-everything")
+    assert code == 2 and "No such command" in err
+    code, _, err = run_cli("weights", "import")
+    assert code == 2 and "Missing argument" in err
+
+
+def test_python_dash_m_and_console_script_run_the_same_app(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "uniseg_cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"uniseg {__version__}"
+    result = subprocess.run([sys.executable, "-m", "uniseg_cli", "weights", "import", str(tmp_path / "x.model"),
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"Error: {tmp_path / 'x.model'}: no such file"
