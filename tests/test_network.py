@@ -120,3 +120,21 @@ def test_small_config_is_small_and_keeps_a_bottleneck():
     assert config.prompt_shape == (2, 2, 2)
     assert config.stage_features == (4, 8, 16, 32, 32, 32)
     assert sum(p.numel() for p in UniSeg(config).parameters()) < 500_000
+
+
+def test_published_configuration_forward_equals_the_reference_on_the_real_ct(ct_volume):
+    """The full-size default network (32 M parameters) on one 64×192×192 patch of the real CT."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = UniSeg(UniSegConfig()).eval()
+    z0 = ct_volume.shape[0] // 2 - 32
+    crop = np.clip(ct_volume[z0:z0 + 64, :192, :192], -325, 325)
+    patch = np.zeros((64, 192, 192), np.float32)  # the CT is 101×122 in-plane: zero-padded, as inference pads
+    patch[:, :crop.shape[1], :crop.shape[2]] = (crop + 325) / 650
+    x = torch.from_numpy(patch)[None, None]
+    with torch.inference_mode():
+        ours = model(x, 1)
+        theirs = reference_forward(model.state_dict(), x, 1)[0]
+    assert ours.shape == (1, 4, 64, 192, 192)
+    assert torch.allclose(ours, theirs, atol=1e-4)
