@@ -25,11 +25,11 @@ def run_cli(capsys):
 
 @pytest.fixture(scope="session")
 def ct_volume():
-    """The real abdominal CT as a float32 (z, y, x) array in HU."""
+    """The real abdominal CT as a float32 (z, y, x) array in HU (SimpleITK's axis order)."""
+    import nibabel as nib
     import numpy as np
-    import SimpleITK as sitk
 
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(CT))).astype(np.float32)
+    return np.ascontiguousarray(np.asarray(nib.load(CT).dataobj, dtype=np.float32).transpose(2, 1, 0))
 
 
 @pytest.fixture(scope="session")
