@@ -12,6 +12,22 @@ from pathlib import Path
 from uniseg_cli.errors import UnisegError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | Path, dest: str | Path, *, folder: bool = False) -> None:
+    """Give a finished temporary file or folder the usual permissions and move it into place.
+
+    ``mkstemp``/``mkdtemp`` create private (0600/0700) entries; outputs should look like any other
+    file the user writes.
+    """
+    os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
+    os.replace(tmp, dest)
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes ``dest`` only if the block succeeds.
@@ -36,7 +52,7 @@ def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[P
         if dest.exists():
             old = parent / f".{dest.name}.{os.getpid()}.old"
             dest.rename(old)
-        tmp.rename(dest)
+        publish(tmp, dest, folder=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

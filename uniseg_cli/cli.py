@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import typer
 
 from uniseg_cli import __version__
-from uniseg_cli.commands import tasks, weights
+from uniseg_cli.commands import predict, tasks, weights
 from uniseg_cli.errors import UnisegError
 
 HELP = """Prompt-driven universal 3D medical image segmentation (UniSeg).
@@ -22,6 +22,8 @@ tumours and PET lesions; the task prompt says which.
 
 \b
 Examples:
+  uniseg predict scan.nii.gz --task kidney -m uniseg-11task -o kidney.nii.gz
+  ls *.nii.gz | uniseg predict - --task liver -m uniseg-11task -o out/ --json
   uniseg tasks                          list the tasks and their aliases
   uniseg tasks --json                   the same as JSON
   uniseg weights import model_final_checkpoint.model -o uniseg-11task
@@ -56,6 +58,7 @@ def root(
     setup_logging(-1 if quiet else (1 if verbose else 0))
 
 
+app.command("predict")(predict.predict)
 app.command("tasks")(tasks.tasks)
 app.add_typer(weights.app, name="weights")
 

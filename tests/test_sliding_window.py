@@ -1,0 +1,82 @@
+"""Window positions, the Gaussian map and the tile loop against nnU-Net v1's definitions."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from uniseg_cli.sliding_window import WindowOptions, gaussian_importance, pad_to_patch, sliding_window, tile_starts
+
+
+def nnunet_steps(patch_size, image_size, step_size):
+    """nnU-Net v1's ``_compute_steps_for_sliding_window``, as published."""
+    target = [i * step_size for i in patch_size]
+    num_steps = [int(np.ceil((i - k) / j)) + 1 for i, j, k in zip(image_size, target, patch_size)]
+    steps = []
+    for dim in range(len(patch_size)):
+        max_step_value = image_size[dim] - patch_size[dim]
+        actual = max_step_value / (num_steps[dim] - 1) if num_steps[dim] > 1 else 99999999999
+        steps.append([int(np.round(actual * i)) for i in range(num_steps[dim])])
+    return steps
+
+
+@pytest.mark.parametrize("image_size", [(64, 192, 192), (65, 193, 400), (112, 202, 244), (200, 512, 512)])
+@pytest.mark.parametrize("step", [0.5, 0.75, 1.0, 0.33])
+def test_tile_starts_equal_nnunet(image_size, step):
+    patch = (64, 192, 192)
+    starts = tile_starts(image_size, patch, step)
+    assert starts == nnunet_steps(patch, image_size, step)
+    for axis_starts, size, p in zip(starts, image_size, patch):
+        assert axis_starts[0] == 0 and axis_starts[-1] + p == size
+
+
+def test_kidney_ct_is_twelve_tiles():
+    assert [len(s) for s in tile_starts((112, 202, 244), (64, 192, 192), 0.5)] == [3, 2, 2]
+
+
+def test_smaller_images_are_padded_evenly_with_zeros():
+    data = torch.ones(1, 10, 64, 70)
+    padded, crop = pad_to_patch(data, (32, 64, 64))
+    assert padded.shape == (1, 32, 64, 70)
+    assert crop == (slice(11, 21), slice(0, 64), slice(0, 70))
+    assert padded.sum() == data.sum() and torch.equal(padded[(slice(None), *crop)], data)
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        tile_starts((10, 64, 64), (32, 64, 64), 0.5)
+
+
+def test_gaussian_equals_nnunet():
+    for patch in [(64, 192, 192), (32, 64, 64), (5, 7, 9)]:
+        impulse = np.zeros(patch)
+        impulse[tuple(i // 2 for i in patch)] = 1
+        expected = gaussian_filter(impulse, [i / 8 for i in patch], 0, mode="constant", cval=0)
+        expected = (expected / expected.max()).astype(np.float32)
+        expected[expected == 0] = expected[expected != 0].min()
+        ours = gaussian_importance(patch)
+        assert np.array_equal(ours, expected) and ours.max() == 1 and ours.min() > 0
+
+
+def test_one_tile_with_mirroring_is_the_average_of_eight_flipped_softmaxes(small_model, ct_patch):
+    with torch.inference_mode():
+        ours = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=True))[0]
+        expected = torch.zeros(3, 32, 64, 64)
+        for r in range(4):
+            for axes in itertools.combinations((2, 3, 4), r):
+                flipped = torch.flip(ct_patch, axes) if axes else ct_patch
+                p = torch.softmax(small_model(flipped, 1), dim=1)[:, :3]
+                expected += (torch.flip(p, axes) if axes else p)[0] / 8
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+def test_tasks_sharing_the_encoder_and_batched_tiles_change_nothing(small_model, ct_volume):
+    data = torch.from_numpy(np.clip(ct_volume[30:80, 10:90, 20:110], -325, 325) / 650 + 0.5)[None].float()
+    with torch.inference_mode():
+        together = sliding_window(small_model, data, [(0, 3), (6, 2)], WindowOptions(mirror=False, step=0.5))
+        alone = sliding_window(small_model, data, [(6, 2)], WindowOptions(mirror=False, step=0.5, batch_size=3))
+    assert together[0].shape == (3, 50, 80, 90) and together[1].shape == (2, 50, 80, 90)
+    torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=0)
+    # Softmax restricted to the task's classes: each voxel's probabilities sum to at most 1.
+    assert float(together[0].sum(0).max()) <= 1 + 1e-5

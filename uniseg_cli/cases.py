@@ -1,0 +1,136 @@
+"""Turning ``uniseg predict`` arguments into cases (one or more channel files each) and output paths.
+
+The grouping rules, so that it is never ambiguous which files form a case:
+- a comma-separated argument, a line of standard input (``-``) and a DICOM series folder are
+  exactly one case, channels in the order given;
+- a folder of scans and the plain file arguments are grouped by nnU-Net's naming: files
+  ``NAME_0000.ext``, ``NAME_0001.ext``, … in one folder are the channels of case ``NAME``; any
+  other scan file is a one-channel case. Channel numbers must start at 0 and have no gaps, and a
+  ``NAME.ext`` beside ``NAME_0000.ext`` is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from uniseg_cli.errors import UsageError
+from uniseg_cli.imageio import image_ending, is_dicom_folder, strip_ending
+
+_CHANNEL = re.compile(r"^(?P<name>.+)_(?P<index>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scan to segment: its name (used for output files) and its channel files in order."""
+
+    name: str
+    channels: tuple[Path, ...]
+
+
+def case_name(path: Path) -> str:
+    """The case name of a channel file: its name without ending and without nnU-Net's ``_0000``."""
+    stem = strip_ending(path) if not path.is_dir() else path.name
+    match = _CHANNEL.match(stem)
+    return match.group("name") if match else stem
+
+
+def collect_cases(arguments: Sequence[str], stdin_lines: Iterable[str] = ()) -> list[Case]:
+    """The cases named by the arguments (``-`` reads one case per line from ``stdin_lines``), in order."""
+    cases: list[Case] = []
+    loose: list[Path] = []
+    for argument in arguments:
+        if argument == "-":
+            cases += [_explicit_case(line.strip()) for line in stdin_lines if line.strip()]
+        elif "," in argument:
+            cases.append(_explicit_case(argument))
+        else:
+            path = Path(argument)
+            if path.is_dir() and not is_dicom_folder(path):
+                files = sorted(p for p in path.iterdir() if image_ending(p) and not p.name.startswith("."))
+                subfolders = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_folder(p))
+                if not files and not subfolders:
+                    raise UsageError(f"{path}: folder holds no scans ({', '.join(('.nii.gz', '.nrrd', '.mha'))}, …) "
+                                     "and no DICOM series")
+                cases += group_channel_files(files)
+                cases += [Case(p.name, (p,)) for p in subfolders]
+            elif path.is_dir():
+                cases.append(Case(path.name, (path,)))
+            else:
+                loose.append(path)
+    cases += group_channel_files(loose)
+    names: dict[str, Case] = {}
+    for case in cases:
+        if case.name in names and names[case.name] != case:
+            raise UsageError(f"two cases are named {case.name!r} ({names[case.name].channels[0]} and "
+                             f"{case.channels[0]}); their outputs would collide")
+        names[case.name] = case
+    return list(dict.fromkeys(cases))
+
+
+def _explicit_case(text: str) -> Case:
+    paths = tuple(Path(p.strip()) for p in text.split(",") if p.strip())
+    if not paths:
+        raise UsageError(f"{text!r}: no file names")
+    return Case(case_name(paths[0]), paths)
+
+
+def group_channel_files(files: Sequence[Path]) -> list[Case]:
+    """Group files by nnU-Net's ``NAME_XXXX`` naming (per folder); everything else is one case per file."""
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    singles: dict[tuple[Path, str], Path] = {}
+    order: list[tuple[Path, str]] = []
+    for path in files:
+        stem = strip_ending(path)
+        match = _CHANNEL.match(stem)
+        key = (path.parent, match.group("name") if match else stem)
+        if key not in order:
+            order.append(key)
+        if match:
+            channel = int(match.group("index"))
+            if channel in groups.setdefault(key, {}):
+                raise UsageError(f"{path}: channel {channel:04d} of case {key[1]!r} is given twice")
+            groups[key][channel] = path
+        else:
+            singles[key] = path
+    cases = []
+    for key in order:
+        if key in groups and key in singles:
+            raise UsageError(f"{singles[key]}: ambiguous beside {groups[key][min(groups[key])]} "
+                             f"(is it case {key[1]!r} or one of its channels?)")
+        if key in singles:
+            cases.append(Case(key[1], (singles[key],)))
+            continue
+        channels = groups[key]
+        if sorted(channels) != list(range(len(channels))):
+            present = ", ".join(f"{c:04d}" for c in sorted(channels))
+            raise UsageError(f"case {key[1]!r} in {key[0]}: channel files must be numbered 0000, 0001, … "
+                             f"without gaps; found {present}")
+        cases.append(Case(key[1], tuple(channels[c] for c in sorted(channels))))
+    return cases
+
+
+def select_shard(cases: Sequence[Case], shard: str | None) -> list[Case]:
+    """``I/N``: every N-th case starting at I, in a deterministic (sorted by name, then path) order."""
+    if shard is None:
+        return list(cases)
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+    if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
+        raise UsageError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    index, count = int(match.group(1)), int(match.group(2))
+    ordered = sorted(cases, key=lambda c: (c.name, str(c.channels[0])))
+    return ordered[index::count]
+
+
+def output_path(case: Case, task_key: str, output: Path | None, *, single: bool) -> Path:
+    """Where a case's label map goes: ``-o`` as a file (one case), ``-o`` as a folder, or the working folder."""
+    default_name = f"{case.name}_{task_key}.nii.gz"
+    if output is None:
+        return Path.cwd() / default_name
+    if image_ending(output) and not output.is_dir():
+        if not single:
+            raise UsageError(f"{output}: -o names one file, but there are several cases; give a folder")
+        return output
+    return output / default_name

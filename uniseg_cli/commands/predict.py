@@ -1,0 +1,64 @@
+"""``uniseg predict``: segment scans with one task (or all that fit) and write label maps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from uniseg_cli.devices import DEVICE_HELP
+
+
+def predict(
+    inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Scan files (.nii, .nii.gz, .nrrd, .mha, .mhd), DICOM series folders, folders of scans, comma-separated channel lists (t1.nii.gz,t1ce.nii.gz,…), or - to read one case per line from stdin."),
+    task: str = typer.Option(..., "--task", "-t", help="Task key, alias or id (kidney, kidn, 1), or 'all' for every task that fits the input, merged into one map. See `uniseg tasks`."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder (config.json + model.safetensors)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (one case) or folder. Default: <case>_<task>.nii.gz in the current folder."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation over the 8 axis flips (the published default; --no-tta is 8x faster)."),
+    step: float = typer.Option(0.5, "--step", min=0.01, max=1.0, help="Tile step as a fraction of the patch size; 0.5 = half-overlapping tiles (published default), larger is faster."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Tiles per forward pass (more needs more memory; same result)."),
+    save_probabilities: Optional[str] = typer.Option(None, "--save-probabilities", metavar="npz|nifti", help="Also write the task-class probabilities beside the label map: npz (float16) or nifti (float32)."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="With --task all on one-channel scans: CT or MR (default: CT if the scan has values below -500)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per case on stdout."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case starting at I (sorted by case name), to split a batch across jobs."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip cases whose output exists (resume an interrupted batch)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines (errors still go to stderr)."),
+) -> None:
+    """Segment scans: pre-process as published, slide the network over each, write a label map.
+
+    Multi-channel cases use nnU-Net naming (CASE_0000.nii.gz, CASE_0001.nii.gz, … in one folder or
+    among the arguments) or one comma-separated argument in the task's channel order. Outputs keep
+    the input's exact geometry (uint8). Exit code 0 if every case succeeded, 1 if some failed (the
+    others are written), 2 for usage errors.
+
+    \b
+    Examples:
+      uniseg predict scan.nii.gz --task kidney -m uniseg-11task -o kidney.nii.gz
+      uniseg predict t1.nii.gz,t1ce.nii.gz,t2.nii.gz,flair.nii.gz --task brain_tumor -m uniseg-11task
+      ls *.nii.gz | uniseg predict - --task liver -m uniseg-11task -o out/ --json > volumes.jsonl
+    """
+    from uniseg_cli.batch import run_batch
+    from uniseg_cli.errors import UsageError
+    from uniseg_cli.sliding_window import WindowOptions
+
+    if quiet:
+        logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
+    if save_probabilities is not None and save_probabilities not in ("npz", "nifti"):
+        raise UsageError(f"--save-probabilities must be npz or nifti, got {save_probabilities!r}")
+    if modality is not None and modality.upper() not in ("CT", "MR"):
+        raise UsageError(f"--modality must be CT or MR, got {modality!r}")
+    stdin = sys.stdin if "-" in inputs else ()
+    failures = run_batch(
+        inputs, stdin, task=task, model=model, output=output, device=device,
+        window=WindowOptions(step=step, mirror=tta, batch_size=batch_size),
+        probabilities=save_probabilities, modality=modality, shard=shard, skip_existing=skip_existing,
+        emit=(lambda result: print(json.dumps(result.to_json()), flush=True)) if as_json else None,
+        progress=not quiet,
+    )
+    if failures:
+        raise typer.Exit(1)

@@ -1,0 +1,245 @@
+"""Reading scans into ``(channels, z, y, x)`` arrays and writing label maps with the input's exact geometry.
+
+Readers are chosen from a plain list by file ending. NIfTI goes through nibabel so that the written
+label map keeps the input's affine, qform/sform codes and header; NRRD, MetaImage and DICOM series
+go through SimpleITK. Arrays are in SimpleITK's order (z, y, x) either way, spacing likewise.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniseg_cli.atomic import publish
+from uniseg_cli.errors import UnisegError
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+SITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_ENDINGS = NIFTI_ENDINGS + SITK_ENDINGS
+
+
+class ImageError(UnisegError):
+    """A scan that cannot be read or does not fit (one line naming the file)."""
+
+
+def image_ending(path: str | Path) -> str | None:
+    name = str(path).lower()
+    return next((e for e in IMAGE_ENDINGS if name.endswith(e)), None)
+
+
+def strip_ending(path: str | Path) -> str:
+    name = Path(path).name
+    ending = image_ending(name)
+    return name[: -len(ending)] if ending else name
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of a scan lie; the writer takes it back unchanged.
+
+    ``shape`` and ``spacing`` are in array order (z, y, x). ``origin``/``direction`` are in
+    SimpleITK's LPS convention (direction row-major, columns = index axes i, j, k); for NIfTI inputs
+    the original ``affine`` and ``header`` are kept as well so that NIfTI outputs copy them exactly.
+    """
+
+    source: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    affine: Any = None
+    header: Any = None
+
+    def same_grid(self, other: Geometry) -> bool:
+        return (self.shape == other.shape and np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=1e-5)
+                and np.allclose(self.origin, other.origin, atol=1e-3)
+                and np.allclose(self.direction, other.direction, atol=1e-4))
+
+    def describe(self) -> str:
+        shape = "×".join(map(str, self.shape[::-1]))
+        spacing = "×".join(f"{s:g}" for s in self.spacing[::-1])
+        return f"{shape} voxels at {spacing} mm"
+
+    def array_axis_world(self) -> tuple[int, int, int]:
+        """For array axes (z, y, x) of the scan, the world axis each runs along most (0 = L-R, 1 = A-P, 2 = S-I)."""
+        d = np.asarray(self.direction).reshape(3, 3)
+        # array axis 0 is index axis k (column 2), array axis 2 is index axis i (column 0)
+        return tuple(int(np.argmax(np.abs(d[:, 2 - a]))) for a in range(3))  # type: ignore[return-value]
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """One scan file or DICOM series folder as a float32 ``(channels, z, y, x)`` array and its geometry."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    try:
+        if path.is_dir():
+            data, geometry = _read_dicom_series(path)
+        elif image_ending(path) in NIFTI_ENDINGS:
+            data, geometry = _read_nifti(path)
+        elif image_ending(path) in SITK_ENDINGS:
+            data, geometry = _read_sitk(path)
+        else:
+            raise ImageError(f"{path}: unsupported file type (use {', '.join(IMAGE_ENDINGS)} or a DICOM folder)")
+    except ImageError:
+        raise
+    except Exception as exc:  # every reader fails its own way on corrupt files
+        raise ImageError(f"{path}: cannot read the image ({_first_line(exc)})") from None
+    if np.isnan(data).any():
+        np.nan_to_num(data, copy=False, nan=0.0)
+    return data, geometry
+
+
+def read_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
+    """The channels of one case, checked to share one grid; a 4-D NIfTI counts as its channels."""
+    arrays, geometries = [], []
+    for path in paths:
+        data, geometry = read_image(path)
+        if geometries and not geometry.same_grid(geometries[0]):
+            raise ImageError(
+                f"channels are on different grids: {paths[0]} is {geometries[0].describe()}, "
+                f"{path} is {geometry.describe()}"
+            )
+        arrays.append(data)
+        geometries.append(geometry)
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)), geometries[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_3d(path: Path, shape: tuple[int, ...]) -> None:
+    if len(shape) < 3 or sum(s > 1 for s in shape[:3]) < 3:
+        raise ImageError(f"{path}: is a {len([s for s in shape if s > 1])}-D image (shape {shape}); "
+                         "uniseg segments 3-D volumes")
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    shape = image.shape
+    _check_3d(path, shape)
+    if len(shape) > 4 or (len(shape) == 4 and shape[3] < 1):
+        raise ImageError(f"{path}: has shape {shape}; expected a 3-D volume or a 4-D stack of channels")
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data = data[..., None] if data.ndim == 3 else data
+    data = np.ascontiguousarray(data.transpose(3, 2, 1, 0))  # (i, j, k, c) -> (c, z, y, x)
+    affine = image.affine
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    ras = affine[:3, :3] / np.where(zooms > 0, zooms, 1.0)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    geometry = Geometry(
+        source=str(path),
+        shape=tuple(int(s) for s in data.shape[1:]),  # type: ignore[arg-type]
+        spacing=tuple(float(z) for z in zooms[::-1]),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in lps @ affine[:3, 3]),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in (lps @ ras).ravel()),
+        affine=affine.copy(),
+        header=image.header.copy(),
+    )
+    return data, geometry
+
+
+def _sitk_geometry(path: Path, image: Any) -> Geometry:
+    return Geometry(
+        source=str(path),
+        shape=tuple(int(s) for s in image.GetSize()[::-1]),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in image.GetSpacing()[::-1]),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in image.GetDirection()),
+    )
+
+
+def _sitk_array(path: Path, image: Any) -> np.ndarray:
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 3:
+        raise ImageError(f"{path}: is a {image.GetDimension()}-D image; uniseg segments 3-D volumes")
+    _check_3d(path, tuple(image.GetSize()))
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                         "give each channel as its own file")
+    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)[None]
+
+
+def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    return _sitk_array(path, image), _sitk_geometry(path, image)
+
+
+def _read_dicom_series(path: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise ImageError(f"{path}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise ImageError(f"{path}: folder holds {len(series)} DICOM series; give one series per folder")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    image = reader.Execute()
+    return _sitk_array(path, image), _sitk_geometry(path, image)
+
+
+def is_dicom_folder(path: Path) -> bool:
+    import SimpleITK as sitk
+
+    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def write_array(path: str | Path, array: np.ndarray, geometry: Geometry) -> None:
+    """Write a ``(z, y, x)`` or ``(c, z, y, x)`` array on the geometry it was read with, atomically.
+
+    NIfTI to NIfTI keeps the input's affine, qform/sform codes and header fields (with the new
+    dtype); every other combination writes origin, spacing and direction through SimpleITK.
+    """
+    path = Path(path)
+    ending = image_ending(path) or ".nii.gz"
+    tmp_fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{ending}", dir=path.parent)
+    os.close(tmp_fd)
+    try:
+        if ending in NIFTI_ENDINGS and geometry.header is not None:
+            _write_nifti(Path(tmp_name), array, geometry)
+        else:
+            _write_sitk(Path(tmp_name), array, geometry)
+        publish(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _write_nifti(path: Path, array: np.ndarray, geometry: Geometry) -> None:
+    import nibabel as nib
+
+    header = geometry.header.copy()
+    data = array.transpose(2, 1, 0) if array.ndim == 3 else array.transpose(3, 2, 1, 0)
+    header.set_data_dtype(array.dtype)
+    image = nib.Nifti1Image(np.ascontiguousarray(data), geometry.affine, header)
+    image.set_qform(geometry.header.get_qform(), code=int(geometry.header["qform_code"]))
+    image.set_sform(geometry.header.get_sform(), code=int(geometry.header["sform_code"]))
+    image.header.set_slope_inter(1.0, 0.0)
+    nib.save(image, str(path))
+
+
+def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
+    import SimpleITK as sitk
+
+    if array.ndim == 4:  # channels as vector components
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(array, 0, -1)), isVector=True)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetOrigin(geometry.origin)
+    image.SetSpacing(geometry.spacing[::-1])
+    image.SetDirection(geometry.direction)
+    sitk.WriteImage(image, str(path), useCompression=True)

@@ -1,0 +1,241 @@
+"""The predictor: load a model once, then segment files, cases or arrays as often as needed.
+
+``Segmenter`` holds the run options (like nnU-Net v2's ``nnUNetPredictor``); each case is read,
+pre-processed per task spacing, run through the sliding window (the encoder shared by all asked
+tasks), resampled back, put into the input's grid and written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from uniseg_cli.atomic import publish
+from uniseg_cli.cases import Case
+from uniseg_cli.devices import pick_device
+from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.imageio import Geometry, image_ending, read_channels, write_array
+from uniseg_cli.model.files import load_model
+from uniseg_cli.model.network import UniSeg
+from uniseg_cli.preprocessing import preprocess, resample_probabilities, uncrop
+from uniseg_cli.sliding_window import WindowOptions, sliding_window
+from uniseg_cli.tasks import Task, resolve_task
+
+log = logging.getLogger(__name__)
+
+ALL_TASKS = "all"
+PROBABILITY_FORMATS = ("npz", "nifti")
+#: A one-channel scan whose minimum is below this is taken for CT (air is about -1000 HU).
+CT_DETECTION_HU = -500.0
+
+
+@dataclass(frozen=True)
+class Label:
+    """One value of a written label map and what it means."""
+
+    value: int
+    name: str
+    task: str
+
+
+@dataclass
+class Prediction:
+    """A label map in the input's array order ``(z, y, x)`` plus, if asked, per-task probabilities."""
+
+    labels: np.ndarray
+    legend: list[Label]
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case; ``to_json`` is the ``--json`` line."""
+
+    case: str
+    inputs: list[str]
+    task: str
+    output: str | None = None
+    labels: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = ""
+    probabilities: str | None = None
+    skipped: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: v for k, v in data.items() if v is not None and not (k == "skipped" and not v)}
+
+
+class Segmenter:
+    """A loaded model with run options; ``predict_*`` methods segment one case at a time.
+
+    model: a model folder (``config.json`` + ``model.safetensors``) or a loaded ``UniSeg``.
+    device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a device.
+    window: sliding-window step, mirroring TTA and tiles per forward pass.
+    """
+
+    def __init__(self, model: str | Path | UniSeg, *, device: str | torch.device = "auto",
+                 window: WindowOptions = WindowOptions()) -> None:
+        self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
+        if isinstance(model, UniSeg):
+            self.model = model.to(self.device).eval()
+        else:
+            self.model = load_model(model, device=self.device)
+        self.window = window
+        if not 0 < window.step <= 1:
+            raise UsageError(f"--step must be in (0, 1], got {window.step}")
+        if window.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {window.batch_size}")
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return self.model.config.tasks
+
+    # ------------------------------------------------------------------------------------ tasks
+    def select_tasks(self, spec: str, data: np.ndarray, *, source: str, modality: str | None = None) -> list[Task]:
+        """The task(s) ``spec`` names for this input; refuses tasks whose channels do not fit."""
+        channels = data.shape[0]
+        if spec.strip().lower() != ALL_TASKS:
+            task = resolve_task(spec, self.tasks)
+            if len(task.channels) != channels:
+                wanted = ", ".join(c.name for c in task.channels)
+                raise UnisegError(f"{source}: task {task.key!r} takes {len(task.channels)} channel(s) ({wanted}); "
+                                  f"the case has {channels}")
+            return [task]
+        fitting = [t for t in self.tasks if len(t.channels) == channels]
+        if not fitting:
+            raise UnisegError(f"{source}: no task of the model takes {channels} channel(s)")
+        modalities = {t.modalities for t in fitting}
+        if len(modalities) > 1:
+            if modality is None:
+                modality = "CT" if channels == 1 and float(data.min()) < CT_DETECTION_HU else "MR"
+                log.info("%s: taking the scan for %s (pass --modality to say otherwise)", source, modality)
+            fitting = [t for t in fitting if t.modalities[0].upper() == modality.upper()]
+            if not fitting:
+                raise UnisegError(f"{source}: no task of the model takes a {modality} scan with {channels} channel(s)")
+        return fitting
+
+    def legend(self, tasks: Sequence[Task]) -> tuple[list[Label], dict[str, int]]:
+        """Label values of the written map: the task's own for one task; for several, the merged
+        numbering of DESIGN.md §2 (each task's labels after those of all earlier tasks)."""
+        if len(tasks) == 1:
+            task = tasks[0]
+            return [Label(i + 1, name, task.key) for i, name in enumerate(task.labels)], {task.key: 0}
+        offsets, offset = {}, 0
+        for task in self.tasks:
+            offsets[task.key] = offset
+            offset += len(task.labels)
+        if offset > 255:
+            raise UnisegError(f"the merged map would need {offset} labels; uint8 holds 255")
+        legend = [Label(offsets[t.key] + i + 1, name, t.key) for t in tasks for i, name in enumerate(t.labels)]
+        return legend, {t.key: offsets[t.key] for t in tasks}
+
+    # -------------------------------------------------------------------------------- inference
+    def predict_array(self, data: np.ndarray, spacing: Sequence[float], task: str | Sequence[Task], *,
+                      axis_world: Sequence[int] = (2, 1, 0), probabilities: bool = False, source: str = "array",
+                      modality: str | None = None,
+                      on_tile: Callable[[int, int], None] | None = None) -> Prediction:
+        """Segment a ``(channels, z, y, x)`` (or ``(z, y, x)``) array with ``spacing`` (z, y, x) in mm.
+
+        ``axis_world`` says which world axis each array axis runs along (0 L-R, 1 A-P, 2 S-I); the
+        default is an axially stored scan.
+        """
+        data = np.asarray(data, dtype=np.float32)
+        data = data[None] if data.ndim == 3 else data
+        if data.ndim != 4:
+            raise UnisegError(f"{source}: expected a (channels, z, y, x) array, got shape {data.shape}")
+        tasks = self.select_tasks(task, data, source=source, modality=modality) if isinstance(task, str) else list(task)
+        legend, offsets = self.legend(tasks)
+        merged = np.zeros(data.shape[1:], dtype=np.uint8)
+        saved: dict[str, np.ndarray] = {}
+        for group in _group_by_preprocessing(tasks):
+            x, info = preprocess(data, tuple(spacing), axis_world, group[0].channels, group[0].target_spacing)
+            tensor = torch.from_numpy(x).to(self.device)
+            with torch.inference_mode():
+                outputs = sliding_window(self.model, tensor, [(t.id, t.num_classes) for t in group], self.window,
+                                         on_tile=on_tile)
+                for task_, probs in zip(group, outputs):
+                    probs = resample_probabilities(probs, info)
+                    labels = uncrop(probs.argmax(0).to(torch.uint8).cpu().numpy(), info)
+                    if probabilities:
+                        p = probs.half().cpu().numpy()
+                        saved[task_.key] = np.concatenate([uncrop(p[:1], info, fill=1), uncrop(p[1:], info)])
+                    del probs
+                    hit = labels > 0
+                    merged[hit] = labels[hit] + offsets[task_.key]
+        return Prediction(merged, legend, saved)
+
+    def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
+                     modality: str | None = None, on_tile: Callable[[int, int], None] | None = None) -> CaseResult:
+        """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
+        start = time.perf_counter()
+        _refuse_overwriting_inputs(case, output)
+        data, geometry = read_channels(case.channels)
+        prediction = self.predict_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
+                                        probabilities=probabilities is not None, source=str(case.channels[0]),
+                                        modality=modality, on_tile=on_tile)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_array(output, prediction.labels, geometry)
+        probability_path = None
+        if probabilities is not None:
+            probability_path = _probability_path(output, probabilities)
+            _write_probabilities(probability_path, prediction, geometry, probabilities)
+        return CaseResult(
+            case=case.name, inputs=[str(p) for p in case.channels], task=task, output=str(output),
+            labels=label_statistics(prediction, geometry), seconds=round(time.perf_counter() - start, 3),
+            device=str(self.device), probabilities=str(probability_path) if probability_path else None,
+        )
+
+
+def _group_by_preprocessing(tasks: Sequence[Task]) -> list[list[Task]]:
+    """Tasks that share spacing and normalisation share one pre-processed input and one encoder pass."""
+    groups: dict[tuple[Any, ...], list[Task]] = {}
+    for task in tasks:
+        groups.setdefault((task.target_spacing, task.channels), []).append(task)
+    return list(groups.values())
+
+
+def _refuse_overwriting_inputs(case: Case, output: Path) -> None:
+    target = output.resolve()
+    for channel in case.channels:
+        if channel.resolve() == target:
+            raise UsageError(f"{output}: the output would overwrite the input")
+
+
+def _probability_path(output: Path, fmt: str) -> Path:
+    stem = output.name[: -len(image_ending(output) or "")] if image_ending(output) else output.name
+    return output.with_name(f"{stem}_probabilities" + (".npz" if fmt == "npz" else ".nii.gz"))
+
+
+def _write_probabilities(path: Path, prediction: Prediction, geometry: Geometry, fmt: str) -> None:
+    """float16 ``.npz`` (one array per task key, classes first) or float32 NIfTI (NIfTI has no float16)."""
+    if fmt == "npz":
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, **prediction.probabilities)
+            publish(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    stacked = np.concatenate(list(prediction.probabilities.values())).astype(np.float32)
+    write_array(path, stacked, geometry)
+
+
+def label_statistics(prediction: Prediction, geometry: Geometry) -> list[dict[str, Any]]:
+    """Voxel count and volume (mL) of every label of the legend, zeros included."""
+    counts = np.bincount(prediction.labels.ravel(), minlength=256)
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    return [{"value": label.value, "name": label.name, "task": label.task, "voxels": int(counts[label.value]),
+             "volume_ml": round(int(counts[label.value]) * voxel_ml, 3)} for label in prediction.legend]

@@ -1,0 +1,211 @@
+"""Pre-processing (DESIGN.md §3), the one code path for training and inference, and its inverse.
+
+Arrays are ``(channels, z, y, x)``; spacings ``(z, y, x)`` in mm. The resampling reproduces
+nnU-Net v1's ``resample_data_or_seg``: scikit-image's ``resize(order, mode="edge",
+anti_aliasing=False)`` (which is ``scipy.ndimage.zoom(grid_mode=True, mode="nearest")`` followed by
+clipping to the input's range), with the low-resolution axis of anisotropic data handled separately
+by nearest-neighbour interpolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from uniseg_cli.tasks import Channel
+
+if TYPE_CHECKING:
+    import torch
+
+ANISOTROPY_THRESHOLD = 3.0
+ZSCORE_EPS = 1e-8
+
+Spacing = tuple[float, float, float]
+Shape = tuple[int, int, int]
+
+
+# ------------------------------------------------------------------------------------ orientation
+def axial_permutation(axis_world: Sequence[int]) -> tuple[int, int, int]:
+    """Array-axis permutation that puts S-I first, then A-P, then L-R (no flips).
+
+    ``axis_world[a]`` is the world axis (0 L-R, 1 A-P, 2 S-I) that array axis ``a`` runs along. An
+    axially stored scan gives the identity; an oblique scan whose axes do not map one-to-one is left
+    as it is.
+    """
+    if sorted(axis_world) != [0, 1, 2]:
+        return (0, 1, 2)
+    return tuple(list(axis_world).index(w) for w in (2, 1, 0))  # type: ignore[return-value]
+
+
+def inverse_permutation(perm: Sequence[int]) -> tuple[int, int, int]:
+    return tuple(int(i) for i in np.argsort(perm))  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- crop
+def nonzero_bbox(data: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box of the voxels where any channel is non-zero (the whole image if none is).
+
+    nnU-Net fills holes in the mask first; holes never change a bounding box, so they are not filled.
+    """
+    mask = np.any(data != 0, axis=0)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, mask.shape[axis]))
+    return tuple(box)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------- resampling
+def resampled_shape(shape: Sequence[int], spacing: Spacing, target: Spacing) -> Shape:
+    return tuple(int(round(s * sp / t)) for s, sp, t in zip(shape, spacing, target))  # type: ignore[return-value]
+
+
+def _lowres_axis(spacing: Spacing) -> int | None:
+    """The single axis with the largest spacing, if the spacing is anisotropic (largest/smallest > 3)."""
+    spacing_array = np.asarray(spacing, dtype=float)
+    if spacing_array.max() / spacing_array.min() <= ANISOTROPY_THRESHOLD:
+        return None
+    axes = np.flatnonzero(spacing_array == spacing_array.max())
+    return int(axes[0]) if len(axes) == 1 else None
+
+
+def separate_axis(original: Spacing, target: Spacing) -> int | None:
+    """Which axis to resample separately (order 0): the original spacing decides, else the target's.
+
+    nnU-Net v1 falls back to the target spacing only when the original is not anisotropic, and
+    resamples jointly when two axes share the largest spacing.
+    """
+    spacing_array = np.asarray(original, dtype=float)
+    if spacing_array.max() / spacing_array.min() > ANISOTROPY_THRESHOLD:
+        return _lowres_axis(original)
+    return _lowres_axis(target)
+
+
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output position for order-0 resampling along one axis.
+
+    nnU-Net maps output ``i`` to ``(i + 0.5) * in / out - 0.5`` and rounds as ``map_coordinates``
+    with order 0 and mode "nearest" does.
+    """
+    coords = (np.arange(size_out, dtype=float) + 0.5) * (size_in / size_out) - 0.5
+    return np.clip(np.floor(coords + 0.5), 0, size_in - 1).astype(np.int64)
+
+
+def resize_like_skimage(image: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """``skimage.transform.resize(image, shape, order, mode="edge", anti_aliasing=False)`` in float32."""
+    from scipy import ndimage
+
+    if tuple(image.shape) == tuple(shape):
+        return image.astype(np.float32, copy=False)
+    zoom = [o / i for o, i in zip(shape, image.shape)]
+    out = ndimage.zoom(image, zoom, output=np.float32, order=order, mode="nearest", grid_mode=True)
+    if order > 0:
+        np.clip(out, image.min(), image.max(), out=out)
+    return out
+
+
+def resample_image(data: np.ndarray, shape: Sequence[int], *, order: int, axis: int | None) -> np.ndarray:
+    """Resample every channel of ``data`` to ``shape``; ``axis`` (if given) in-plane first, then order 0."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(data.shape[1:]) == shape:
+        return data.astype(np.float32, copy=False)
+    out = np.empty((data.shape[0], *shape), dtype=np.float32)
+    for c in range(data.shape[0]):
+        if axis is None:
+            out[c] = resize_like_skimage(data[c], shape, order)
+            continue
+        plane_shape = [s for a, s in enumerate(shape) if a != axis]
+        planes = [resize_like_skimage(np.take(data[c], i, axis=axis), plane_shape, order)
+                  for i in range(data.shape[1 + axis])]
+        stacked = np.stack(planes, axis=axis)
+        out[c] = np.take(stacked, nearest_indices(stacked.shape[axis], shape[axis]), axis=axis)
+    return out
+
+
+# ---------------------------------------------------------------------------------- normalisation
+def normalize(data: np.ndarray, channels: Sequence[Channel]) -> np.ndarray:
+    """Per-channel normalisation in place: CT window to [0, 1], everything else z-scored."""
+    for c, channel in enumerate(channels):
+        x = data[c]
+        if channel.normalization == "ct":
+            low, high = channel.window  # type: ignore[misc]
+            np.clip(x, low, high, out=x)
+            x -= low
+            x /= high - low
+        else:
+            mean = float(x.mean(dtype=np.float64))
+            std = float(x.std(dtype=np.float64))
+            x -= mean
+            x /= std + ZSCORE_EPS
+    return data
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+@dataclass(frozen=True)
+class CropInfo:
+    """What pre-processing did to one case's grid, so that the prediction can be put back exactly."""
+
+    permutation: tuple[int, int, int]
+    shape: Shape                  # after permutation, before cropping
+    bbox: tuple[slice, slice, slice]
+    spacing: Spacing              # after permutation
+    target_spacing: Spacing
+
+    @property
+    def cropped_shape(self) -> Shape:
+        return tuple(s.stop - s.start for s in self.bbox)  # type: ignore[return-value]
+
+    @property
+    def separate_axis(self) -> int | None:
+        return separate_axis(self.spacing, self.target_spacing)
+
+
+def preprocess(data: np.ndarray, spacing: Spacing, axis_world: Sequence[int], channels: Sequence[Channel],
+               target_spacing: Spacing) -> tuple[np.ndarray, CropInfo]:
+    """Reorient, crop, resample and normalise one case; returns the network input and how to undo it."""
+    perm = axial_permutation(axis_world)
+    data = np.transpose(data, (0, *(p + 1 for p in perm)))
+    spacing = tuple(spacing[p] for p in perm)  # type: ignore[assignment]
+    bbox = nonzero_bbox(data)
+    info = CropInfo(perm, tuple(data.shape[1:]), bbox, spacing, tuple(target_spacing))  # type: ignore[arg-type]
+    cropped = data[(slice(None), *bbox)]
+    shape = resampled_shape(cropped.shape[1:], spacing, target_spacing)
+    resampled = resample_image(cropped, shape, order=3, axis=info.separate_axis)
+    if resampled is cropped or np.shares_memory(resampled, data):
+        resampled = resampled.copy()  # normalisation works in place; never on the caller's array
+    return normalize(resampled, channels), info
+
+
+def resample_probabilities(probabilities: torch.Tensor, info: CropInfo) -> torch.Tensor:
+    """Class probabilities ``(k, z, y, x)`` at the target spacing back to the cropped original grid.
+
+    Linear interpolation (torch's with ``align_corners=False`` is scikit-image's order-1 resize with
+    edge mode), the separate axis by nearest neighbour, on whatever device the tensor is on.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    shape = info.cropped_shape
+    if tuple(probabilities.shape[1:]) == shape:
+        return probabilities
+    axis = info.separate_axis
+    if axis is None:
+        return F.interpolate(probabilities[None], size=shape, mode="trilinear", align_corners=False)[0]
+    # Slices along the separate axis become the batch of a 2-D resize.
+    moved = probabilities.movedim(1 + axis, 0)
+    plane = [s for a, s in enumerate(shape) if a != axis]
+    planes = F.interpolate(moved, size=plane, mode="bilinear", align_corners=False)
+    index = torch.from_numpy(nearest_indices(planes.shape[0], shape[axis])).to(planes.device)
+    return planes.index_select(0, index).movedim(0, 1 + axis)
+
+
+def uncrop(labels: np.ndarray, info: CropInfo, *, fill: int = 0) -> np.ndarray:
+    """Paste a cropped ``(…, z, y, x)`` array into the full grid and undo the axis permutation."""
+    full = np.full((*labels.shape[:-3], *info.shape), fill, dtype=labels.dtype)
+    full[(..., *info.bbox)] = labels
+    lead = tuple(range(labels.ndim - 3))
+    inverse = inverse_permutation(info.permutation)
+    return np.ascontiguousarray(np.transpose(full, (*lead, *(len(lead) + i for i in inverse))))

@@ -1,0 +1,127 @@
+"""Sliding-window inference with Gaussian weighting and mirroring TTA (DESIGN.md §4).
+
+Window positions and the Gaussian map are small pure helpers; ``sliding_window`` runs the network
+over a pre-processed case once per tile and mirror, sharing the encoder between all asked tasks,
+and accumulates only each task's classes on the compute device.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from uniseg_cli.model.network import UniSeg
+
+MIRROR_AXES = (2, 3, 4)  # z, y, x of a (batch, channels, z, y, x) tensor
+
+
+def tile_starts(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
+    """Start of every tile per axis: evenly spread, first at 0, last ending at the border (nnU-Net).
+
+    ``image_size`` must be at least ``patch_size`` (pad first). ``step`` is a fraction of the patch.
+    """
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    starts = []
+    for size, patch in zip(image_size, patch_size):
+        if size < patch:
+            raise ValueError(f"image size {size} is smaller than the patch {patch}; pad first")
+        count = int(math.ceil((size - patch) / (patch * step))) + 1
+        spacing = (size - patch) / (count - 1) if count > 1 else 0.0
+        starts.append([int(round(spacing * i)) for i in range(count)])
+    return starts
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_numpy(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(patch_size)
+    impulse[tuple(p // 2 for p in patch_size)] = 1
+    gaussian = gaussian_filter(impulse, [p * sigma_scale for p in patch_size], 0, mode="constant", cval=0)
+    gaussian = (gaussian / gaussian.max()).astype(np.float32)
+    gaussian[gaussian == 0] = gaussian[gaussian != 0].min()
+    return gaussian
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """nnU-Net's tile weight: an impulse at the centre blurred with sigma = patch/8, max 1, no zeros."""
+    return _gaussian_numpy(tuple(int(p) for p in patch_size), float(sigma_scale)).copy()
+
+
+def pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial axes of ``(c, z, y, x)`` up to the patch size, split evenly like nnU-Net."""
+    pads, crop = [], []
+    for size, patch in zip(data.shape[1:], patch_size):
+        extra = max(patch - size, 0)
+        before = extra // 2
+        pads.append((before, extra - before))
+        crop.append(slice(before, before + size))
+    if any(p != (0, 0) for p in pads):
+        flat = [v for pair in reversed(pads) for v in pair]
+        data = torch.nn.functional.pad(data, flat, mode="constant", value=0.0)
+    return data, tuple(crop)
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """How to slide: ``step`` as a fraction of the patch (0.5 = half-overlapping tiles, the published
+    default), ``mirror`` for 8-way mirroring TTA (on by default, as published), ``batch_size`` tiles
+    per forward pass (more uses more memory, same result)."""
+
+    step: float = 0.5
+    mirror: bool = True
+    batch_size: int = 1
+
+
+def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, int]],
+                   options: WindowOptions = WindowOptions(),
+                   on_tile: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+    """Class probabilities of each ``(task index, classes)`` for a pre-processed ``(c, z, y, x)`` tensor.
+
+    Returns one ``(classes, z, y, x)`` float32 tensor per task on ``data``'s device: the softmax over
+    all network outputs, averaged over mirrors, Gaussian-weighted over tiles, restricted to the
+    task's first ``classes`` channels. ``on_tile(done, total)`` reports progress.
+    """
+    patch = model.config.patch_size
+    padded, crop = pad_to_patch(data, patch)
+    device = padded.device
+    gaussian = torch.from_numpy(gaussian_importance(patch)).to(device)
+    sums = [torch.zeros((k, *padded.shape[1:]), dtype=torch.float32, device=device) for _, k in tasks]
+    weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=device)
+    corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
+    mirrors = [()] + [m for r in (1, 2, 3) for m in itertools.combinations(MIRROR_AXES, r)] if options.mirror else [()]
+    for first in range(0, len(corners), options.batch_size):
+        batch_corners = corners[first:first + options.batch_size]
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
+        x = torch.stack([padded[(slice(None), *w)] for w in windows])
+        predictions = _predict_tile_batch(model, x, tasks, mirrors)
+        for i, window in enumerate(windows):
+            weights[window] += gaussian
+            for total, prediction in zip(sums, predictions):
+                total[(slice(None), *window)] += prediction[i] * gaussian
+        if on_tile is not None:
+            on_tile(first + len(batch_corners), len(corners))
+    weights = weights[crop]
+    return [total[(slice(None), *crop)] / weights for total in sums]
+
+
+def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[int, int]],
+                        mirrors: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Mirror-averaged softmax of each task for a batch of tiles; the encoder runs once per mirror."""
+    results = [torch.zeros((x.shape[0], k, *x.shape[2:]), dtype=torch.float32, device=x.device) for _, k in tasks]
+    for axes in mirrors:
+        features = model.encode(torch.flip(x, axes) if axes else x)
+        for result, (task, classes) in zip(results, tasks):
+            probabilities = torch.softmax(model.decode(features, task).float(), dim=1)[:, :classes]
+            result += torch.flip(probabilities, axes) if axes else probabilities
+    if len(mirrors) > 1:
+        for result in results:
+            result /= len(mirrors)
+    return results
