@@ -54,3 +54,41 @@ def small_model():
 
     torch.manual_seed(0)
     return UniSeg(small_config()).eval()
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def coarse_model_dir(tmp_path_factory) -> Path:
+    """A tiny model folder whose tasks use 8×4×4 mm spacing, so a whole CT is a handful of tiles.
+
+    Same tasks, channels and labels as the published model; only the spacing (and the network
+    size) differ, which keeps CLI tests on real scans at about a second per case.
+    """
+    import dataclasses
+
+    import torch
+
+    from uniseg_cli import save_model
+    from uniseg_cli.config import small_config
+    from uniseg_cli.model.network import UniSeg
+    from uniseg_cli.tasks import UPSTREAM_TASKS
+
+    tasks = tuple(dataclasses.replace(t, target_spacing=(8.0, 4.0, 4.0)) for t in UPSTREAM_TASKS)
+    torch.manual_seed(0)
+    model = UniSeg(small_config(tasks=tasks))
+    return save_model(model, tmp_path_factory.mktemp("models") / "coarse")
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A tiny model folder with the published tasks and spacings."""
+    import torch
+
+    from uniseg_cli import save_model
+    from uniseg_cli.config import small_config
+    from uniseg_cli.model.network import UniSeg
+
+    torch.manual_seed(0)
+    return save_model(UniSeg(small_config()), tmp_path_factory.mktemp("models") / "small")

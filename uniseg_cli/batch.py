@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from uniseg_cli.cases import Case, collect_cases, output_path, select_shard
+from uniseg_cli.cases import collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.predictor import ALL_TASKS, CaseResult, Segmenter
 from uniseg_cli.sliding_window import WindowOptions
@@ -32,6 +32,8 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     segmenter = Segmenter(model, device=device, window=window)
     key = ALL_TASKS if task.strip().lower() == ALL_TASKS else resolve_task(task, segmenter.tasks).key
     plan = [(case, output_path(case, key, output, single=len(cases) == 1)) for case in cases]
+    for case, target in plan:
+        refuse_overwriting_inputs(case, target)
     if output is not None and not (len(cases) == 1 and plan[0][1] == output):
         _ensure_folder(output)
     log.info("%d case(s), task %s, model %s on %s", len(plan), key, model, segmenter.device)

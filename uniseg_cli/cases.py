@@ -134,3 +134,11 @@ def output_path(case: Case, task_key: str, output: Path | None, *, single: bool)
             raise UsageError(f"{output}: -o names one file, but there are several cases; give a folder")
         return output
     return output / default_name
+
+
+def refuse_overwriting_inputs(case: Case, output: Path) -> None:
+    """An output path that is one of the case's inputs is a usage error, caught before any work."""
+    target = output.resolve()
+    for channel in case.channels:
+        if channel.resolve() == target:
+            raise UsageError(f"{output}: the output would overwrite the input")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from uniseg_cli.atomic import publish
-from uniseg_cli.cases import Case
+from uniseg_cli.cases import Case, refuse_overwriting_inputs
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.imageio import Geometry, image_ending, read_channels, write_array
@@ -179,7 +179,7 @@ class Segmenter:
                      modality: str | None = None, on_tile: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
         start = time.perf_counter()
-        _refuse_overwriting_inputs(case, output)
+        refuse_overwriting_inputs(case, output)
         data, geometry = read_channels(case.channels)
         prediction = self.predict_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
                                         probabilities=probabilities is not None, source=str(case.channels[0]),
@@ -203,13 +203,6 @@ def _group_by_preprocessing(tasks: Sequence[Task]) -> list[list[Task]]:
     for task in tasks:
         groups.setdefault((task.target_spacing, task.channels), []).append(task)
     return list(groups.values())
-
-
-def _refuse_overwriting_inputs(case: Case, output: Path) -> None:
-    target = output.resolve()
-    for channel in case.channels:
-        if channel.resolve() == target:
-            raise UsageError(f"{output}: the output would overwrite the input")
 
 
 def _probability_path(output: Path, fmt: str) -> Path:

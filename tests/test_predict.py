@@ -1,0 +1,147 @@
+"""`uniseg predict` end to end on real scans: geometry, batches, JSON, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import CT, SHARED_DATA
+
+
+def test_kidney_on_the_real_ct_keeps_the_input_geometry_exactly(run_cli, small_model_dir, tmp_path):
+    out = tmp_path / "kidney.nii.gz"
+    code, stdout, err = run_cli("predict", CT, "--task", "kidn", "-m", small_model_dir, "-o", out, "--json",
+                                "--no-tta", "--step", "1", "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(stdout)
+    source, written = nib.load(CT), nib.load(out)
+    assert written.shape == source.shape and np.array_equal(written.affine, source.affine)
+    for field in ("qform_code", "sform_code", "pixdim", "xyzt_units", "quatern_b", "srow_x", "srow_z"):
+        assert np.array_equal(written.header[field], source.header[field]), field
+    assert written.get_data_dtype() == np.uint8
+    labels = np.asarray(written.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    assert result["task"] == "kidney" and result["output"] == str(out) and result["device"] == "cpu"
+    assert [(r["value"], r["name"]) for r in result["labels"]] == [(1, "kidney"), (2, "kidney tumour")]
+    for entry in result["labels"]:
+        assert entry["voxels"] == int((labels == entry["value"]).sum())
+        assert entry["volume_ml"] == pytest.approx(entry["voxels"] * 27 / 1000, abs=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kidney.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def scan_folder(tmp_path_factory):
+    """Three real scans in three formats: the CT, a crop of it as NRRD, and its upper part as MetaImage."""
+    folder = tmp_path_factory.mktemp("scans")
+    shutil.copy(CT, folder / "a.nii.gz")
+    image = sitk.ReadImage(str(CT))
+    sitk.WriteImage(image[10:90, 20:80, 30:100], str(folder / "b.nrrd"))
+    sitk.WriteImage(image[:, :, 60:], str(folder / "c.mha"))
+    return folder
+
+
+def test_a_folder_and_a_stdin_list_load_the_model_once(run_cli, coarse_model_dir, scan_folder, tmp_path,
+                                                       monkeypatch):
+    import uniseg_cli.predictor as predictor
+
+    loads = []
+    original = predictor.load_model
+    monkeypatch.setattr(predictor, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+    code, stdout, err = run_cli("predict", scan_folder, "-t", "spleen", "-m", coarse_model_dir, "-o", tmp_path / "out",
+                                "--json", "--no-tta")
+    assert code == 0, err
+    results = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["case"] for r in results] == ["a", "b", "c"] and len(loads) == 1
+    for name in ("a", "b", "c"):
+        ending = {"a": ".nii.gz", "b": ".nrrd", "c": ".mha"}[name]
+        written = sitk.ReadImage(str(tmp_path / "out" / f"{name}_spleen.nii.gz"))
+        source = sitk.ReadImage(str(scan_folder / f"{name}{ending}"))
+        assert written.GetSize() == source.GetSize()
+        np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing(), atol=1e-6)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{scan_folder / 'b.nrrd'}\n\n{scan_folder / 'c.mha'}\n"))
+    code, stdout, _ = run_cli("predict", "-", "-t", "6", "-m", coarse_model_dir, "-o", tmp_path / "stdin", "--json",
+                              "--no-tta")
+    assert code == 0 and [json.loads(line)["case"] for line in stdout.splitlines()] == ["b", "c"]
+    assert len(loads) == 2
+
+
+def test_other_formats_are_written_with_their_geometry(run_cli, coarse_model_dir, scan_folder, tmp_path):
+    out = tmp_path / "b_liver.nrrd"
+    code, _, err = run_cli("predict", scan_folder / "b.nrrd", "-t", "liver", "-m", coarse_model_dir, "-o", out, "--no-tta")
+    assert code == 0, err
+    written, source = sitk.ReadImage(str(out)), sitk.ReadImage(str(scan_folder / "b.nrrd"))
+    assert written.GetSize() == source.GetSize() and written.GetPixelID() == sitk.sitkUInt8
+    assert written.GetOrigin() == source.GetOrigin() and written.GetDirection() == source.GetDirection()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "brain_tcga_4ch").is_dir(), reason="needs ../shared/data/brain_tcga_4ch")
+def test_four_channel_brain_case(run_cli, coarse_model_dir, tmp_path):
+    raw = SHARED_DATA / "brain_tcga_4ch" / "TCGA-DU-7294" / "TCGA-DU-7294_brainles" / "raw_bet"
+    channels = ",".join(str(raw / f"TCGA-DU-7294_{c}_bet.nii.gz") for c in ("t1", "t1c", "t2", "fla"))
+    code, stdout, err = run_cli("predict", channels, "-t", "brats", "-m", coarse_model_dir, "-o", tmp_path, "--json",
+                                "--no-tta")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["case"] == "TCGA-DU-7294_t1_bet" and len(result["inputs"]) == 4
+    assert [r["name"] for r in result["labels"]] == ["edema", "non-enhancing tumour", "enhancing tumour"]
+    written = nib.load(tmp_path / "TCGA-DU-7294_t1_bet_brain_tumor.nii.gz")
+    assert written.shape == (240, 240, 155) and np.array_equal(written.affine, nib.load(raw / "TCGA-DU-7294_t1_bet.nii.gz").affine)
+
+
+def test_nnunet_channel_naming_groups_files(run_cli, coarse_model_dir, tmp_path):
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    shutil.copy(CT, folder / "case1_0000.nii.gz")
+    shutil.copy(CT, folder / "case1_0001.nii.gz")
+    code, stdout, err = run_cli("predict", folder, "-t", "pet_lesion", "-m", coarse_model_dir, "-o", tmp_path / "out",
+                                "--json", "--no-tta")
+    assert code == 0, err
+    assert json.loads(stdout)["inputs"] == [str(folder / "case1_0000.nii.gz"), str(folder / "case1_0001.nii.gz")]
+    assert (tmp_path / "out" / "case1_pet_lesion.nii.gz").is_file()
+
+
+def test_all_tasks_merge_into_one_map(run_cli, coarse_model_dir, tmp_path):
+    code, stdout, err = run_cli("predict", CT, "-t", "all", "-m", coarse_model_dir, "-o", tmp_path, "--json", "--no-tta")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert [r["value"] for r in result["labels"]] == list(range(1, 13))   # the CT tasks: liver 1-2 … vertebrae 12
+    assert result["labels"][11] == {"value": 12, "name": "vertebrae", "task": "vertebrae",
+                                    "voxels": result["labels"][11]["voxels"], "volume_ml": result["labels"][11]["volume_ml"]}
+    labels = np.asarray(nib.load(tmp_path / "example_ct_all.nii.gz").dataobj)
+    assert labels.max() <= 12
+
+
+def test_probabilities_shards_and_resume(run_cli, coarse_model_dir, scan_folder, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli("predict", scan_folder, "-t", "kidney", "-m", coarse_model_dir, "-o", out, "--no-tta",
+                              "--shard", "1/2", "--json", "--save-probabilities", "npz")
+    assert code == 0 and [json.loads(line)["case"] for line in stdout.splitlines()] == ["b"]
+    probabilities = np.load(out / "b_kidney_probabilities.npz")["kidney"]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "b_kidney.nii.gz")))
+    assert probabilities.dtype == np.float16 and probabilities.shape == (3, *labels.shape)
+    # float16 rounding may turn a near-tie the other way; everything else agrees
+    assert (probabilities.astype(np.float32).argmax(0) == labels).mean() > 0.999
+    code, stdout, _ = run_cli("predict", scan_folder, "-t", "kidney", "-m", coarse_model_dir, "-o", out, "--no-tta",
+                              "--skip-existing", "--json")
+    results = [json.loads(line) for line in stdout.splitlines()]
+    assert code == 0 and [(r["case"], r.get("skipped", False)) for r in results] == [
+        ("a", False), ("b", True), ("c", False)]
+
+
+def test_python_api_segments_an_array(coarse_model_dir, ct_volume):
+    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.sliding_window import WindowOptions
+
+    segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
+    prediction = segmenter.predict_array(ct_volume, (3.0, 3.0, 3.0), "kidney")
+    assert prediction.labels.shape == ct_volume.shape and prediction.labels.dtype == np.uint8
+    assert [label.name for label in prediction.legend] == ["kidney", "kidney tumour"]

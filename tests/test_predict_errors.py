@@ -1,0 +1,127 @@
+"""Bad input: one clear line naming the file, the right exit code, and no partial output."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import CT
+
+
+def _outputs(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def out(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def test_missing_file(run_cli, coarse_model_dir, tmp_path, out):
+    missing = tmp_path / "nope.nii.gz"
+    code, _, err = run_cli("predict", missing, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 1 and _one_error_line(err) == f"Error: {missing}: no such file"
+    assert _outputs(out) == []
+
+
+def test_corrupt_file(run_cli, coarse_model_dir, tmp_path, out):
+    corrupt = tmp_path / "broken.nii.gz"
+    corrupt.write_bytes(CT.read_bytes()[:5000])
+    code, _, err = run_cli("predict", corrupt, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 1 and _one_error_line(err).startswith(f"Error: {corrupt}: cannot read the image (")
+    assert _outputs(out) == []
+
+
+def test_2d_image(run_cli, coarse_model_dir, tmp_path, out):
+    flat = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), flat)
+    code, _, err = run_cli("predict", flat, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 1 and "uniseg segments 3-D volumes" in _one_error_line(err) and str(flat) in err
+
+
+def test_wrong_channel_count_and_task_that_does_not_fit(run_cli, coarse_model_dir, out):
+    code, _, err = run_cli("predict", f"{CT},{CT}", "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 1
+    assert _one_error_line(err) == f"Error: {CT}: task 'kidney' takes 1 channel(s) (CT); the case has 2"
+    code, _, err = run_cli("predict", CT, "-t", "brain_tumor", "-m", coarse_model_dir, "-o", out)
+    assert code == 1
+    assert _one_error_line(err) == f"Error: {CT}: task 'brain_tumor' takes 4 channel(s) (T1, T1ce, T2, FLAIR); the case has 1"
+    assert _outputs(out) == []
+
+
+def test_channels_on_different_grids(run_cli, coarse_model_dir, tmp_path, out):
+    image = nib.load(CT)
+    cropped = tmp_path / "pet.nii.gz"
+    nib.save(image.slicer[:, :, 10:], cropped)
+    code, _, err = run_cli("predict", f"{CT},{cropped}", "-t", "pet", "-m", coarse_model_dir, "-o", out)
+    assert code == 1
+    assert _one_error_line(err) == (f"Error: channels are on different grids: {CT} is 122×101×112 voxels at 3×3×3 mm, "
+                                    f"{cropped} is 122×101×102 voxels at 3×3×3 mm")
+
+
+def test_unknown_task_is_a_usage_error(run_cli, coarse_model_dir, out):
+    code, _, err = run_cli("predict", CT, "-t", "kidny", "-m", coarse_model_dir, "-o", out)
+    assert code == 2 and _one_error_line(err) == "Error: unknown task 'kidny'; did you mean 'kidney'?"
+
+
+def test_output_equal_to_input_is_refused(run_cli, coarse_model_dir, tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(CT, scan)
+    before = scan.read_bytes()
+    code, _, err = run_cli("predict", scan, "-t", "kidney", "-m", coarse_model_dir, "-o", scan)
+    assert code == 2 and _one_error_line(err) == f"Error: {scan}: the output would overwrite the input"
+    assert scan.read_bytes() == before and _outputs(tmp_path) == ["scan.nii.gz"]
+
+
+def test_unwritable_output_folder(run_cli, coarse_model_dir, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli("predict", CT, "-t", "kidney", "-m", coarse_model_dir, "-o", blocker / "out")
+    assert code == 1 and _one_error_line(err).startswith(f"Error: {blocker / 'out'}: cannot create the output folder")
+
+
+def test_some_cases_fail_others_are_written(run_cli, coarse_model_dir, tmp_path, out):
+    import json
+
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    code, stdout, err = run_cli("predict", CT, broken, "-t", "spleen", "-m", coarse_model_dir, "-o", out, "--json",
+                                "--no-tta")
+    assert code == 1
+    results = {r["case"]: r for r in map(json.loads, stdout.splitlines())}
+    assert "error" not in results["example_ct"] and results["broken"]["error"].startswith(f"{broken}: cannot read")
+    assert _outputs(out) == ["example_ct_spleen.nii.gz"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shard", "2/2"], "--shard '2/2': expected I/N with 0 <= I < N, e.g. 0/4"),
+    (["--save-probabilities", "csv"], "--save-probabilities must be npz or nifti, got 'csv'"),
+    (["--modality", "PET"], "--modality must be CT or MR, got 'PET'"),
+])
+def test_bad_options_are_usage_errors(run_cli, coarse_model_dir, out, args, message):
+    code, _, err = run_cli("predict", CT, "-t", "kidney", "-m", coarse_model_dir, "-o", out, *args)
+    assert code == 2 and _one_error_line(err) == f"Error: {message}"
+
+
+def test_ambiguous_channel_naming_is_refused(run_cli, coarse_model_dir, tmp_path, out):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(CT, folder / "case.nii.gz")
+    shutil.copy(CT, folder / "case_0000.nii.gz")
+    code, _, err = run_cli("predict", folder, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 2 and "ambiguous beside" in _one_error_line(err)
+    (folder / "case.nii.gz").unlink()
+    shutil.copy(CT, folder / "case_0002.nii.gz")
+    code, _, err = run_cli("predict", folder, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 2 and "without gaps; found 0000, 0002" in _one_error_line(err)
