@@ -80,3 +80,13 @@ def test_tasks_sharing_the_encoder_and_batched_tiles_change_nothing(small_model,
     torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=0)
     # Softmax restricted to the task's classes: each voxel's probabilities sum to at most 1.
     assert float(together[0].sum(0).max()) <= 1 + 1e-5
+
+
+def test_encoder_and_fusion_run_once_per_tile_for_several_tasks(small_model, ct_patch):
+    calls = {"encoder": 0, "fusion": 0, "decoder": 0}
+    small_model.conv_blocks_context[0].register_forward_hook(lambda *_: calls.__setitem__("encoder", calls["encoder"] + 1))
+    small_model.fusion_layer.register_forward_hook(lambda *_: calls.__setitem__("fusion", calls["fusion"] + 1))
+    small_model.tu[0].register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    with torch.inference_mode():
+        sliding_window(small_model, ct_patch[0], [(0, 3), (1, 3), (6, 2)], WindowOptions(mirror=False))
+    assert calls == {"encoder": 1, "fusion": 1, "decoder": 3}

@@ -114,12 +114,16 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
 
 def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[int, int]],
                         mirrors: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
-    """Mirror-averaged softmax of each task for a batch of tiles; the encoder runs once per mirror."""
+    """Mirror-averaged softmax of each task for a batch of tiles.
+
+    The encoder and the prompt fusion run once per mirror; only the decoder runs per task.
+    """
     results = [torch.zeros((x.shape[0], k, *x.shape[2:]), dtype=torch.float32, device=x.device) for _, k in tasks]
     for axes in mirrors:
         features = model.encode(torch.flip(x, axes) if axes else x)
+        maps = model.task_maps(features[-1])
         for result, (task, classes) in zip(results, tasks):
-            probabilities = torch.softmax(model.decode(features, task).float(), dim=1)[:, :classes]
+            probabilities = torch.softmax(model.decode(features, task, maps).float(), dim=1)[:, :classes]
             result += torch.flip(probabilities, axes) if axes else probabilities
     if len(mirrors) > 1:
         for result in results:

@@ -118,14 +118,25 @@ class UniSeg(nn.Module):
             features.append(x)
         return features
 
-    def decode(self, features: list[torch.Tensor], task: int) -> torch.Tensor | list[torch.Tensor]:
-        """Logits for ``task`` from the encoder's features (see ``forward`` for the return value)."""
+    def task_maps(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """The fusion of bottleneck features and universal prompt: one map per task, (B, T, …).
+
+        It does not depend on the task asked, so several tasks of one input share it.
+        """
+        prompt = self.intermedia_prompt.expand(bottleneck.shape[0], -1, -1, -1, -1)
+        return self.fusion_layer(torch.cat([bottleneck, prompt], dim=1))
+
+    def decode(self, features: list[torch.Tensor], task: int,
+               task_maps: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Logits for ``task`` from the encoder's features (see ``forward`` for the return value).
+
+        ``task_maps`` (from ``task_maps(features[-1])``) may be passed to reuse them across tasks.
+        """
         if not 0 <= task < self.config.num_tasks:
             raise InputShapeError(f"task index {task} is out of range: the model has {self.config.num_tasks} tasks")
         *skips, x = features
-        prompt = self.intermedia_prompt.expand(x.shape[0], -1, -1, -1, -1)
-        task_maps = self.fusion_layer(torch.cat([x, prompt], dim=1))
-        x = torch.cat([x, task_maps[:, task:task + 1]], dim=1)
+        maps = self.task_maps(x) if task_maps is None else task_maps
+        x = torch.cat([x, maps[:, task:task + 1]], dim=1)
         outputs = []
         for u, (up, local, head) in enumerate(zip(self.tu, self.conv_blocks_localization, self.seg_outputs)):
             x = local(torch.cat([up(x), skips[-(u + 1)]], dim=1))
