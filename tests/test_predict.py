@@ -145,3 +145,40 @@ def test_python_api_segments_an_array(coarse_model_dir, ct_volume):
     prediction = segmenter.predict_array(ct_volume, (3.0, 3.0, 3.0), "kidney")
     assert prediction.labels.shape == ct_volume.shape and prediction.labels.dtype == np.uint8
     assert [label.name for label in prediction.legend] == ["kidney", "kidney tumour"]
+
+
+def test_python_api_segments_files(coarse_model_dir, scan_folder, tmp_path):
+    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.sliding_window import WindowOptions
+
+    segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
+    one = segmenter.predict_file(scan_folder / "b.nrrd", "sple", tmp_path / "b.nii.gz")
+    assert one.task == "spleen" and (tmp_path / "b.nii.gz").is_file() and one.error is None
+    many = segmenter.predict_files([scan_folder / "a.nii.gz", scan_folder / "c.mha"], "6", tmp_path / "many")
+    assert [r.output for r in many] == [str(tmp_path / "many" / "a_spleen.nii.gz"), str(tmp_path / "many" / "c_spleen.nii.gz")]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ct_abdomen_totalseg" / "example_ct_dicom").is_dir(),
+                    reason="needs ../shared/data/ct_abdomen_totalseg/example_ct_dicom")
+def test_dicom_series_folder(run_cli, coarse_model_dir, tmp_path):
+    series = SHARED_DATA / "ct_abdomen_totalseg" / "example_ct_dicom"
+    code, stdout, err = run_cli("predict", series, "-t", "liver", "-m", coarse_model_dir, "-o", tmp_path, "--json",
+                                "--no-tta", "--save-probabilities", "nifti")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["case"] == "example_ct_dicom" and result["inputs"] == [str(series)]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+    source = reader.Execute()
+    written = sitk.ReadImage(str(tmp_path / "example_ct_dicom_liver.nii.gz"))
+    assert written.GetSize() == source.GetSize() == (512, 512, 20)
+    np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
+    probabilities = sitk.ReadImage(str(tmp_path / "example_ct_dicom_liver_probabilities.nii.gz"))
+    assert probabilities.GetNumberOfComponentsPerPixel() == 3 and probabilities.GetSize() == source.GetSize()
+
+
+def test_one_output_file_for_several_cases_is_a_usage_error(run_cli, coarse_model_dir, scan_folder, tmp_path):
+    code, _, err = run_cli("predict", scan_folder, "-t", "kidney", "-m", coarse_model_dir, "-o", tmp_path / "x.nii.gz")
+    assert code == 2 and "-o names one file, but there are several cases; give a folder" in err
+    assert list(tmp_path.iterdir()) == []

@@ -122,3 +122,14 @@ def test_preprocess_kidney_on_the_real_ct(ct_volume):
     assert info.cropped_shape == (112, 101, 122)                      # the CT has no zero border
     assert x.shape == (1, 112, 202, 244) and x.dtype == np.float32     # 3 mm -> 3 x 1.5 x 1.5 mm
     assert x.min() == 0.0 and x.max() == 1.0
+
+
+def test_argmax_classes_equals_argmax_first_maximum_wins():
+    from uniseg_cli.preprocessing import argmax_classes
+
+    rng = np.random.default_rng(3)
+    probs = torch.from_numpy(rng.random((3, 6, 7, 8)).astype(np.float32))
+    probs[:, 0, 0, 0] = torch.tensor([0.2, 0.4, 0.4])        # a tie: the first maximum, as argmax
+    labels = argmax_classes(probs)
+    assert labels.dtype == torch.uint8 and torch.equal(labels.long(), probs.argmax(0))
+    assert labels[0, 0, 0] == 1

@@ -11,9 +11,8 @@ import torch
 
 from uniseg_cli.cases import collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.predictor import ALL_TASKS, CaseResult, Segmenter
+from uniseg_cli.predictor import CaseResult, Segmenter
 from uniseg_cli.sliding_window import WindowOptions
-from uniseg_cli.tasks import resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     if not cases:
         raise UsageError("no cases to segment" + (f" in shard {shard}" if shard else ""))
     segmenter = Segmenter(model, device=device, window=window)
-    key = ALL_TASKS if task.strip().lower() == ALL_TASKS else resolve_task(task, segmenter.tasks).key
+    key = segmenter.task_key(task)
     plan = [(case, output_path(case, key, output, single=len(cases) == 1)) for case in cases]
     for case, target in plan:
         refuse_overwriting_inputs(case, target)

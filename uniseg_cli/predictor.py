@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from uniseg_cli.atomic import publish
-from uniseg_cli.cases import Case, refuse_overwriting_inputs
+from uniseg_cli.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.imageio import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.preprocessing import preprocess, resample_probabilities, uncrop
+from uniseg_cli.preprocessing import argmax_classes, preprocess, resample_probabilities, uncrop
 from uniseg_cli.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.tasks import Task, resolve_task
 
@@ -166,7 +166,7 @@ class Segmenter:
                                          on_tile=on_tile)
                 for task_, probs in zip(group, outputs):
                     probs = resample_probabilities(probs, info)
-                    labels = uncrop(probs.argmax(0).to(torch.uint8).cpu().numpy(), info)
+                    labels = uncrop(argmax_classes(probs).cpu().numpy(), info)
                     if probabilities:
                         p = probs.half().cpu().numpy()
                         saved[task_.key] = np.concatenate([uncrop(p[:1], info, fill=1), uncrop(p[1:], info)])
@@ -175,10 +175,29 @@ class Segmenter:
                     merged[hit] = labels[hit] + offsets[task_.key]
         return Prediction(merged, legend, saved)
 
+    def task_key(self, spec: str) -> str:
+        """``all`` or the key of the task ``spec`` names (used in output names and results)."""
+        return ALL_TASKS if spec.strip().lower() == ALL_TASKS else resolve_task(spec, self.tasks).key
+
+    def predict_file(self, channels: str | Path | Sequence[str | Path], task: str, output: str | Path,
+                     **options: Any) -> CaseResult:
+        """Segment one case given as a file (or its channel files, in the task's order) into ``output``."""
+        paths = (Path(channels),) if isinstance(channels, (str, Path)) else tuple(Path(p) for p in channels)
+        return self.predict_case(Case(case_name(paths[0]), paths), task, Path(output), **options)
+
+    def predict_files(self, files: Sequence[str | Path], task: str, output_dir: str | Path,
+                      **options: Any) -> list[CaseResult]:
+        """Segment a list of files, grouped into cases by nnU-Net's channel naming, into ``output_dir``."""
+        key = self.task_key(task)
+        cases = group_channel_files([Path(f) for f in files])
+        return [self.predict_case(c, task, output_path(c, key, Path(output_dir), single=False), **options)
+                for c in cases]
+
     def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
                      modality: str | None = None, on_tile: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
         start = time.perf_counter()
+        key = self.task_key(task)
         refuse_overwriting_inputs(case, output)
         data, geometry = read_channels(case.channels)
         prediction = self.predict_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
@@ -191,7 +210,7 @@ class Segmenter:
             probability_path = _probability_path(output, probabilities)
             _write_probabilities(probability_path, prediction, geometry, probabilities)
         return CaseResult(
-            case=case.name, inputs=[str(p) for p in case.channels], task=task, output=str(output),
+            case=case.name, inputs=[str(p) for p in case.channels], task=key, output=str(output),
             labels=label_statistics(prediction, geometry), seconds=round(time.perf_counter() - start, 3),
             device=str(self.device), probabilities=str(probability_path) if probability_path else None,
         )

@@ -202,6 +202,20 @@ def resample_probabilities(probabilities: torch.Tensor, info: CropInfo) -> torch
     return planes.index_select(0, index).movedim(0, 1 + axis)
 
 
+def argmax_classes(probabilities: torch.Tensor) -> torch.Tensor:
+    """``probabilities.argmax(0)`` as uint8 (first maximum wins), without torch's slow CPU reduction
+    over a short leading axis: a running maximum over the few classes."""
+    import torch
+
+    labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
+    best = probabilities[0].clone()
+    for c in range(1, probabilities.shape[0]):
+        better = probabilities[c] > best
+        labels[better] = c
+        torch.maximum(best, probabilities[c], out=best)
+    return labels
+
+
 def uncrop(labels: np.ndarray, info: CropInfo, *, fill: int = 0) -> np.ndarray:
     """Paste a cropped ``(…, z, y, x)`` array into the full grid and undo the axis permutation."""
     full = np.full((*labels.shape[:-3], *info.shape), fill, dtype=labels.dtype)
