@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 CASE_ERRORS = (UnisegError, OSError, MemoryError, torch.OutOfMemoryError)
 
 
-def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, model: Path, output: Path | None,
+def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, model: str | None, output: Path | None,
               device: str, window: WindowOptions, probabilities: str | None, modality: str | None,
               shard: str | None, skip_existing: bool, emit: Callable[[CaseResult], None] | None,
               progress: bool) -> int:
@@ -35,7 +35,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
         refuse_overwriting_inputs(case, target)
     if output is not None and not (len(cases) == 1 and plan[0][1] == output):
         _ensure_folder(output)
-    log.info("%d case(s), task %s, model %s on %s", len(plan), key, model, segmenter.device)
+    log.info("%d case(s), task %s, model %s on %s", len(plan), key, model or "(default)", segmenter.device)
     failures = 0
     with _Progress(enabled=progress and sys.stderr.isatty()) as bar:
         for case, target in plan:

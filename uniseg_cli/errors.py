@@ -25,13 +25,16 @@ class UsageError(UnisegError):
 class UnknownNameError(UsageError):
     """A task, device or model name that is not known; carries the valid names for "did you mean"."""
 
-    def __init__(self, kind: str, name: str, valid: Iterable[str]) -> None:
+    def __init__(self, kind: str, name: str, valid: Iterable[str], *, kinds: str = "") -> None:
         self.kind = kind
         self.name = name
         self.valid = sorted(set(valid))
         hint = did_you_mean(name, self.valid)
-        message = f"unknown {kind} {name!r}"
-        message += f"; did you mean {hint!r}?" if hint else f"; valid: {', '.join(self.valid)}"
+        message = f"unknown {kind} {name!r}" + (f" ({kinds})" if kinds else "")
+        if hint:
+            message += f"; did you mean {hint!r}?"
+        elif self.valid:
+            message += f"; valid: {', '.join(self.valid)}"
         super().__init__(message)
 
 

@@ -23,6 +23,7 @@ from uniseg_cli.atomic import publish
 from uniseg_cli.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.hub import resolve_model
 from uniseg_cli.imageio import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
@@ -79,18 +80,19 @@ class CaseResult:
 class Segmenter:
     """A loaded model with run options; ``predict_*`` methods segment one case at a time.
 
-    model: a model folder (``config.json`` + ``model.safetensors``) or a loaded ``UniSeg``.
+    model: a model spec (folder, registry name, ``owner/name[@revision]``; None = the default model)
+        or a loaded ``UniSeg``.
     device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a device.
     window: sliding-window step, mirroring TTA and tiles per forward pass.
     """
 
-    def __init__(self, model: str | Path | UniSeg, *, device: str | torch.device = "auto",
+    def __init__(self, model: str | Path | UniSeg | None, *, device: str | torch.device = "auto",
                  window: WindowOptions = WindowOptions()) -> None:
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         if isinstance(model, UniSeg):
             self.model = model.to(self.device).eval()
         else:
-            self.model = load_model(model, device=self.device)
+            self.model = load_model(resolve_model(model).path, device=self.device)
         self.window = window
         if not 0 < window.step <= 1:
             raise UsageError(f"--step must be in (0, 1], got {window.step}")

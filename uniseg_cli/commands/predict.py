@@ -16,7 +16,7 @@ from uniseg_cli.devices import DEVICE_HELP
 def predict(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Scan files (.nii, .nii.gz, .nrrd, .mha, .mhd), DICOM series folders, folders of scans, comma-separated channel lists (t1.nii.gz,t1ce.nii.gz,…), or - to read one case per line from stdin."),
     task: str = typer.Option(..., "--task", "-t", help="Task key, alias or id (kidney, kidn, 1), or 'all' for every task that fits the input, merged into one map. See `uniseg tasks`."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model folder (config.json + model.safetensors)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a folder, a registry name (`uniseg weights list`) or a Hub name owner/name[@revision]. Default: the registry's default model."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (one case) or folder. Default: <case>_<task>.nii.gz in the current folder."),
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation over the 8 axis flips (the published default; --no-tta is 8x faster)."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -13,8 +12,8 @@ from uniseg_cli.tasks import UPSTREAM_TASKS, Task
 
 def tasks(
     as_json: bool = typer.Option(False, "--json", help="Print the tasks as a JSON array on stdout."),
-    model: Optional[Path] = typer.Option(
-        None, "--model", "-m", help="A model folder: list its tasks (from its config.json) instead of the registry's."
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="A model (folder, registry name or Hub name): list its tasks instead of the upstream ones."
     ),
 ) -> None:
     """List the segmentation tasks: id, key, aliases, input channels, labels and target spacing.
@@ -29,13 +28,16 @@ def tasks(
     _print_table(listed)
 
 
-def _model_tasks(model: Path) -> tuple[Task, ...]:
+def _model_tasks(model: str) -> tuple[Task, ...]:
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.errors import ModelFileError
+    from uniseg_cli.hub import resolve_model
+    from uniseg_cli.model.files import model_paths
 
-    config_path = model / "config.json" if model.is_dir() or not model.suffix else model.parent / "config.json"
-    if not config_path.is_file():
-        raise ModelFileError(f"{model}: not a model folder (config.json is missing)")
+    try:
+        config_path, _ = model_paths(resolve_model(model).path)
+    except ModelFileError as exc:
+        raise ModelFileError(str(exc)) from None
     return UniSegConfig.from_json_file(config_path).tasks
 
 

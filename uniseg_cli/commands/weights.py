@@ -1,7 +1,8 @@
-"""``uniseg weights``: model weight files."""
+"""``uniseg weights``: the model registry, downloads, checks, conversion and publishing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,8 +10,93 @@ import typer
 
 from uniseg_cli.devices import DEVICE_HELP
 
-app = typer.Typer(help="Manage model weights (convert the published checkpoint).", no_args_is_help=True,
-                  rich_markup_mode=None)
+app = typer.Typer(help="Model weights: list, download, inspect, verify, convert and publish models.",
+                  no_args_is_help=True, rich_markup_mode=None)
+
+MODEL_HELP = "A model folder, a registry name (`uniseg weights list`) or a Hub name owner/name[@revision]."
+
+
+@app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+    """List the registry's models and the uniseg models in the Hugging Face cache, with sizes."""
+    from uniseg_cli.catalog import list_models
+
+    models = list_models()
+    if as_json:
+        print(json.dumps(models, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title_justify="left", title="uniseg models (registry and cache)")
+    for column in ("name", "source", "tasks", "licence", "cached"):
+        table.add_column(column)
+    for m in models:
+        cached = f"{m['cached_mib']:.1f} MiB" if m["cached_mib"] is not None else "no"
+        table.add_row(m["name"] + (" (default)" if m.get("default") else ""), m["source"],
+                      str(len(m["tasks"])) if m["tasks"] else "?", m["license"] or "?", cached)
+    if not models:
+        typer.echo("No models in the registry or the cache yet. Convert the published checkpoint with "
+                   "`uniseg weights import`, or download one with `uniseg weights download owner/name`.", err=True)
+        return
+    Console(soft_wrap=False).print(table)
+
+
+@app.command("download")
+def download(model: str = typer.Argument(..., help="A registry name or a Hub name owner/name[@revision].")) -> None:
+    """Fetch a model into the Hugging Face cache (verified against the registry's sha256s); print its folder."""
+    from uniseg_cli.hub import resolve_model
+
+    print(resolve_model(model).path)
+
+
+@app.command("info")
+def info(model: str = typer.Argument(..., help=MODEL_HELP),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+    """Show a model's configuration, tasks, parameter count, licence and source."""
+    from uniseg_cli.catalog import describe_model
+
+    description = describe_model(model)
+    if as_json:
+        print(json.dumps(description, indent=2))
+        return
+    arch = description["config"]["architecture"]
+    lines = [
+        f"model:       {description['spec']}",
+        f"folder:      {description['path']}",
+        f"source:      {description['source'] or '(not recorded)'}",
+        f"licence:     {description['license'] or '(not stated)'}",
+        f"parameters:  {description['parameters']:,}",
+        f"patch:       {' x '.join(map(str, arch['patch_size']))}, features {description['stage_features']}, "
+        f"{arch['num_classes']} outputs, inputs {'/'.join(map(str, arch['input_channels']))} channels",
+        "tasks:       " + ", ".join(f"{t['id']} {t['key']}" for t in description["config"]["tasks"]),
+    ]
+    print("\n".join(lines))
+
+
+@app.command("verify")
+def verify(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
+    """Re-hash a model's files; for a registry model, check them against its pinned sha256s (exit 1 if not)."""
+    from uniseg_cli.catalog import verify_model
+
+    for line in verify_model(model):
+        print(line)
+
+
+@app.command("push")
+def push(
+    folder: Path = typer.Argument(..., help="The model folder to publish."),
+    repo: str = typer.Argument(..., help="Hub repository owner/name (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    message: str = typer.Option("Upload uniseg model", "--message", help="Commit message."),
+) -> None:
+    """Publish a model folder to the Hub with a generated model card (README.md); print the commit to pin.
+
+    Needs a write token (HF_TOKEN or `hf auth login`). The folder itself is not modified.
+    """
+    from uniseg_cli.catalog import push_model
+
+    print(push_model(folder, repo, private=private, message=message))
 
 
 @app.command("import")

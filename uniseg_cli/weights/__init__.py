@@ -1,0 +1,1 @@
+"""Data only: the model registry (``registry.json``) and bundled model folders."""
