@@ -180,13 +180,14 @@ def download(repo: str, revision: str, *, name: str, pins: dict[str, str] | None
     )
 
     where = f"{repo}@{revision}"
+    label = f"{name!r}" + ("" if name.removeprefix("hf://") == where else f" ({where})")
     paths = []
     for filename in MODEL_FILES:
         try:
             paths.append(Path(hf_hub_download(repo, filename, revision=revision)))
         except LocalEntryNotFoundError:
             raise ModelFileError(
-                f"model {name!r} ({where}) is not in the local cache and the Hub cannot be reached (offline); get it "
+                f"model {label} is not in the local cache and the Hub cannot be reached (offline); get it "
                 f"with `uniseg weights download {name}` on a connected machine, or convert the original checkpoint "
                 "with `uniseg weights import`") from None
         except GatedRepoError:
