@@ -100,8 +100,16 @@ def test_some_cases_fail_others_are_written(run_cli, coarse_model_dir, tmp_path,
                                 "--no-tta")
     assert code == 1
     results = {r["case"]: r for r in map(json.loads, stdout.splitlines())}
+    assert list(results) == ["example_ct", "broken"]          # reported in input order
     assert "error" not in results["example_ct"] and results["broken"]["error"].startswith(f"{broken}: cannot read")
     assert _outputs(out) == ["example_ct_spleen.nii.gz"]
+    # A failure while the next case is prefetched does not disturb it, nor the order.
+    shutil.copy(CT, tmp_path / "ct2.nii.gz")
+    code, stdout, err = run_cli("predict", broken, CT, tmp_path / "ct2.nii.gz", "-t", "spleen", "-m",
+                                coarse_model_dir, "-o", tmp_path / "again", "--json", "--no-tta")
+    assert code == 1 and err.count("Error:") == 1
+    assert [json.loads(line)["case"] for line in stdout.splitlines()] == ["broken", "example_ct", "ct2"]
+    assert _outputs(tmp_path / "again") == ["ct2_spleen.nii.gz", "example_ct_spleen.nii.gz"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from uniseg_cli.cases import collect_cases, output_path, refuse_overwriting_inputs, select_shard
+from uniseg_cli.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.predictor import CaseResult, Segmenter
+from uniseg_cli.predictor import CaseResult, Prediction, PreparedCase, Segmenter
 from uniseg_cli.sliding_window import WindowOptions
 
 log = logging.getLogger(__name__)
@@ -36,28 +38,118 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     if output is not None and not (len(cases) == 1 and plan[0][1] == output):
         _ensure_folder(output)
     log.info("%d case(s), task %s, model %s on %s", len(plan), key, model or "(default)", segmenter.device)
-    failures = 0
-    with _Progress(enabled=progress and sys.stderr.isatty()) as bar:
+    pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, emit=emit)
+    with _Progress(enabled=progress and sys.stderr.isatty()) as bar, pipeline:
+        todo = [(case, target) for case, target in plan if not (skip_existing and target.exists())]
+        pipeline.prefetch(todo[0] if todo else None)
+        upcoming = iter(todo[1:])
         for case, target in plan:
             if skip_existing and target.exists():
-                result = CaseResult(case=case.name, inputs=[str(p) for p in case.channels], task=key,
-                                    output=str(target), skipped=True)
+                pipeline.done(CaseResult(case=case.name, inputs=[str(p) for p in case.channels], task=key,
+                                         output=str(target), skipped=True))
+                continue
+            prepared = pipeline.take(case)
+            pipeline.prefetch(next(upcoming, None))  # read and pre-process the next case meanwhile
+            if prepared is None:
+                continue
+            bar.start(case.name)
+            try:
+                prediction = segmenter.run(prepared.inputs, probabilities=probabilities is not None,
+                                           on_tile=bar.update)
+            except CASE_ERRORS as exc:
+                pipeline.failed(case, exc)
             else:
-                bar.start(case.name)
-                try:
-                    result = segmenter.predict_case(case, key, target, probabilities=probabilities,
-                                                    modality=modality, on_tile=bar.update)
-                except CASE_ERRORS as exc:
-                    failures += 1
-                    message = str(exc) if isinstance(exc, UnisegError) else f"{case.channels[0]}: {_describe(exc)}"
-                    print(f"Error: {message}", file=sys.stderr)
-                    result = CaseResult(case=case.name, inputs=[str(p) for p in case.channels], task=key,
-                                        error=message)
-                else:
-                    log.info("%s -> %s (%.1f s)", case.name, target, result.seconds)
-            if emit is not None:
-                emit(result)
-    return failures
+                pipeline.write(prepared, prediction)  # written in the background, reported in order
+    return pipeline.failures
+
+
+class _Pipeline:
+    """Prefetch (read + pre-process) the next case and write the last one while the network runs.
+
+    Results are reported in input order; each failure is one ``Error:`` line and an error record.
+    """
+
+    def __init__(self, segmenter: Segmenter, key: str, *, probabilities: str | None, modality: str | None,
+                 emit: Callable[[CaseResult], None] | None) -> None:
+        self.segmenter, self.key = segmenter, key
+        self.probabilities, self.modality, self.emit = probabilities, modality, emit
+        self.failures = 0
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="uniseg-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="uniseg-write")
+        self._prefetched: dict[str, Future] = {}
+        self._pending: deque[tuple[Case, Future]] = deque()
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self._flush(block=True)
+        finally:
+            for future in self._prefetched.values():
+                future.cancel()
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._writer.shutdown(wait=True)
+
+    def prefetch(self, item: tuple[Case, Path] | None) -> None:
+        if item is not None:
+            case, target = item
+            self._prefetched[case.name] = self._reader.submit(
+                self.segmenter.prepare_case, case, self.key, target, modality=self.modality)
+
+    def take(self, case: Case) -> PreparedCase | None:
+        try:
+            return self._prefetched.pop(case.name).result()
+        except CASE_ERRORS as exc:
+            self.failed(case, exc)
+            return None
+
+    def write(self, prepared: PreparedCase, prediction: Prediction) -> None:
+        self._pending.append((prepared.case, self._writer.submit(self._write, prepared, prediction)))
+        while len(self._pending) > 2:  # bound the label maps waiting in memory
+            self._report(*self._pending.popleft())
+        self._flush(block=False)
+
+    def _write(self, prepared: PreparedCase, prediction: Prediction) -> CaseResult:
+        result = self.segmenter.write_case(prepared, prediction, probabilities=self.probabilities)
+        log.info("%s -> %s (%.1f s)", prepared.case.name, result.output, result.seconds)
+        return result
+
+    def done(self, result: CaseResult) -> None:
+        self._pending.append((None, _finished(result)))  # type: ignore[arg-type]
+        self._flush(block=False)
+
+    def failed(self, case: Case, exc: BaseException) -> None:
+        self._pending.append((case, _finished(exc)))
+        self._flush(block=False)
+
+    def _flush(self, *, block: bool) -> None:
+        """Report finished results in input order; with ``block``, wait for all of them."""
+        while self._pending and (block or self._pending[0][1].done()):
+            self._report(*self._pending.popleft())
+
+    def _report(self, case: Case, future: Future) -> None:
+        try:
+            result = future.result()
+        except CASE_ERRORS as exc:
+            result = self._error(case, exc)
+        if isinstance(result, BaseException):
+            result = self._error(case, result)
+        if self.emit is not None:
+            self.emit(result)
+
+    def _error(self, case: Case, exc: BaseException) -> CaseResult:
+        self.failures += 1
+        message = str(exc) if isinstance(exc, UnisegError) else f"{case.channels[0]}: {_describe(exc)}"
+        print(f"Error: {message}", file=sys.stderr)
+        return CaseResult(case=case.name, inputs=[str(p) for p in case.channels], task=self.key, error=message)
+
+
+def _finished(value: object) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _ensure_folder(folder: Path) -> None:

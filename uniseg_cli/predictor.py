@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from uniseg_cli.hub import resolve_model
 from uniseg_cli.imageio import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.preprocessing import argmax_classes, preprocess, resample_probabilities, uncrop
+from uniseg_cli.preprocessing import CropInfo, argmax_classes, preprocess, resample_probabilities, uncrop
+from uniseg_cli.runtime import resolve_precision
 from uniseg_cli.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.tasks import Task, resolve_task
 
@@ -83,17 +84,18 @@ class Segmenter:
     model: a model spec (folder, registry name, ``owner/name[@revision]``; None = the default model)
         or a loaded ``UniSeg``.
     device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a device.
-    window: sliding-window step, mirroring TTA and tiles per forward pass.
+    window: sliding-window step, mirroring TTA, tiles per forward pass and precision (``auto``: fp16
+        autocast on CUDA, fp32 elsewhere).
     """
 
     def __init__(self, model: str | Path | UniSeg | None, *, device: str | torch.device = "auto",
-                 window: WindowOptions = WindowOptions()) -> None:
+                 window: WindowOptions = WindowOptions(precision="auto")) -> None:
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         if isinstance(model, UniSeg):
             self.model = model.to(self.device).eval()
         else:
             self.model = load_model(resolve_model(model).path, device=self.device)
-        self.window = window
+        self.window = replace(window, precision=resolve_precision(window.precision, self.device))
         if not 0 < window.step <= 1:
             raise UsageError(f"--step must be in (0, 1], got {window.step}")
         if window.batch_size < 1:
@@ -152,16 +154,29 @@ class Segmenter:
         ``axis_world`` says which world axis each array axis runs along (0 L-R, 1 A-P, 2 S-I); the
         default is an axially stored scan.
         """
+        inputs = self.prepare_array(data, spacing, task, axis_world=axis_world, source=source, modality=modality)
+        return self.run(inputs, probabilities=probabilities, on_tile=on_tile)
+
+    def prepare_array(self, data: np.ndarray, spacing: Sequence[float], task: str | Sequence[Task], *,
+                      axis_world: Sequence[int] = (2, 1, 0), source: str = "array",
+                      modality: str | None = None) -> NetworkInputs:
+        """The CPU half of ``predict_array``: choose the tasks and pre-process once per spacing group."""
         data = np.asarray(data, dtype=np.float32)
         data = data[None] if data.ndim == 3 else data
         if data.ndim != 4:
             raise UnisegError(f"{source}: expected a (channels, z, y, x) array, got shape {data.shape}")
         tasks = self.select_tasks(task, data, source=source, modality=modality) if isinstance(task, str) else list(task)
         legend, offsets = self.legend(tasks)
-        merged = np.zeros(data.shape[1:], dtype=np.uint8)
+        groups = [(group, *preprocess(data, tuple(spacing), axis_world, group[0].channels, group[0].target_spacing))
+                  for group in _group_by_preprocessing(tasks)]
+        return NetworkInputs(tuple(data.shape[1:]), legend, offsets, groups)  # type: ignore[arg-type]
+
+    def run(self, inputs: NetworkInputs, *, probabilities: bool = False,
+            on_tile: Callable[[int, int], None] | None = None) -> Prediction:
+        """The network half: sliding window per group, probabilities back to the input grid, merged labels."""
+        merged = np.zeros(inputs.shape, dtype=np.uint8)
         saved: dict[str, np.ndarray] = {}
-        for group in _group_by_preprocessing(tasks):
-            x, info = preprocess(data, tuple(spacing), axis_world, group[0].channels, group[0].target_spacing)
+        for group, x, info in inputs.groups:
             tensor = torch.from_numpy(x).to(self.device)
             with torch.inference_mode():
                 outputs = sliding_window(self.model, tensor, [(t.id, t.num_classes) for t in group], self.window,
@@ -174,8 +189,8 @@ class Segmenter:
                         saved[task_.key] = np.concatenate([uncrop(p[:1], info, fill=1), uncrop(p[1:], info)])
                     del probs
                     hit = labels > 0
-                    merged[hit] = labels[hit] + offsets[task_.key]
-        return Prediction(merged, legend, saved)
+                    merged[hit] = labels[hit] + inputs.offsets[task_.key]
+        return Prediction(merged, inputs.legend, saved)
 
     def task_key(self, spec: str) -> str:
         """``all`` or the key of the task ``spec`` names (used in output names and results)."""
@@ -198,13 +213,23 @@ class Segmenter:
     def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
                      modality: str | None = None, on_tile: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
+        prepared = self.prepare_case(case, task, output, modality=modality)
+        prediction = self.run(prepared.inputs, probabilities=probabilities is not None, on_tile=on_tile)
+        return self.write_case(prepared, prediction, probabilities=probabilities)
+
+    def prepare_case(self, case: Case, task: str, output: Path, *, modality: str | None = None) -> PreparedCase:
+        """Read and pre-process one case (no network): what the batch runner prefetches in a thread."""
         start = time.perf_counter()
-        key = self.task_key(task)
         refuse_overwriting_inputs(case, output)
         data, geometry = read_channels(case.channels)
-        prediction = self.predict_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
-                                        probabilities=probabilities is not None, source=str(case.channels[0]),
-                                        modality=modality, on_tile=on_tile)
+        inputs = self.prepare_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
+                                    source=str(case.channels[0]), modality=modality)
+        return PreparedCase(case, self.task_key(task), output, geometry, inputs, start)
+
+    def write_case(self, prepared: PreparedCase, prediction: Prediction, *,
+                   probabilities: str | None = None) -> CaseResult:
+        """Write the label map (and probabilities) on the input's grid; the record ``--json`` prints."""
+        output, geometry, case = prepared.output, prepared.geometry, prepared.case
         output.parent.mkdir(parents=True, exist_ok=True)
         write_array(output, prediction.labels, geometry)
         probability_path = None
@@ -212,10 +237,33 @@ class Segmenter:
             probability_path = _probability_path(output, probabilities)
             _write_probabilities(probability_path, prediction, geometry, probabilities)
         return CaseResult(
-            case=case.name, inputs=[str(p) for p in case.channels], task=key, output=str(output),
-            labels=label_statistics(prediction, geometry), seconds=round(time.perf_counter() - start, 3),
+            case=case.name, inputs=[str(p) for p in case.channels], task=prepared.key, output=str(output),
+            labels=label_statistics(prediction, geometry), seconds=round(time.perf_counter() - prepared.started, 3),
             device=str(self.device), probabilities=str(probability_path) if probability_path else None,
         )
+
+
+@dataclass
+class NetworkInputs:
+    """Pre-processed network inputs of one case: per group of tasks sharing a spacing, the array and
+    how to undo the pre-processing; plus the output grid and label numbering."""
+
+    shape: tuple[int, int, int]
+    legend: list[Label]
+    offsets: dict[str, int]
+    groups: list[tuple[list[Task], np.ndarray, CropInfo]]
+
+
+@dataclass
+class PreparedCase:
+    """A case read and pre-processed, waiting for the network."""
+
+    case: Case
+    key: str
+    output: Path
+    geometry: Geometry
+    inputs: NetworkInputs
+    started: float
 
 
 def _group_by_preprocessing(tasks: Sequence[Task]) -> list[list[Task]]:

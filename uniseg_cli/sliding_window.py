@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from uniseg_cli.model.network import UniSeg
+from uniseg_cli.runtime import precision_context
 
 MIRROR_AXES = (2, 3, 4)  # z, y, x of a (batch, channels, z, y, x) tensor
 
@@ -73,11 +74,13 @@ def pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.T
 class WindowOptions:
     """How to slide: ``step`` as a fraction of the patch (0.5 = half-overlapping tiles, the published
     default), ``mirror`` for 8-way mirroring TTA (on by default, as published), ``batch_size`` tiles
-    per forward pass (more uses more memory, same result)."""
+    per forward pass (more uses more memory, same result), ``precision`` of the network
+    (``fp32``, or autocast ``bf16``/``fp16``; probabilities are always accumulated in float32)."""
 
     step: float = 0.5
     mirror: bool = True
     batch_size: int = 1
+    precision: str = "fp32"
 
 
 def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, int]],
@@ -101,7 +104,8 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
         batch_corners = corners[first:first + options.batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
         x = torch.stack([padded[(slice(None), *w)] for w in windows])
-        predictions = _predict_tile_batch(model, x, tasks, mirrors)
+        with precision_context(options.precision, device):
+            predictions = _predict_tile_batch(model, x, tasks, mirrors)
         for i, window in enumerate(windows):
             weights[window] += gaussian
             for total, prediction in zip(sums, predictions):
