@@ -85,6 +85,10 @@ def run_one(tool: str, model_dir: str, run: dict, out: str) -> None:
     x = torch.from_numpy(np.load(run["input"]))
     shape = tuple(run["cropped_shape"])
     info = CropInfo((0, 1, 2), shape, tuple(slice(0, s) for s in shape), tuple(run["spacing"]), tuple(run["target"]))
+    if tool == "uniseg":
+        from uniseg_cli.runtime import keep_freed_memory
+
+        keep_freed_memory()  # what `uniseg predict` does in its process
     start = time.perf_counter()
     if tool == "uniseg":
         with torch.inference_mode():
