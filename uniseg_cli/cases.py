@@ -78,7 +78,7 @@ def _explicit_case(text: str) -> Case:
 
 
 def group_channel_files(files: Sequence[Path]) -> list[Case]:
-    """Group files by nnU-Net's ``NAME_XXXX`` naming (per folder); everything else is one case per file."""
+    """Group files by nnU-Net's ``NAME_0000``, ``NAME_0001``, … naming (per folder); other files are one case each."""
     groups: dict[tuple[Path, str], dict[int, Path]] = {}
     singles: dict[tuple[Path, str], Path] = {}
     order: list[tuple[Path, str]] = []
