@@ -182,3 +182,12 @@ def test_one_output_file_for_several_cases_is_a_usage_error(run_cli, coarse_mode
     code, _, err = run_cli("predict", scan_folder, "-t", "kidney", "-m", coarse_model_dir, "-o", tmp_path / "x.nii.gz")
     assert code == 2 and "-o names one file, but there are several cases; give a folder" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_all_keeps_the_merged_numbering_when_one_task_fits(run_cli, coarse_model_dir, tmp_path):
+    # Two channels: only the CT+PET lesion task fits; its label is 17 in the merged map, as in DESIGN.md §2.
+    code, stdout, err = run_cli("predict", f"{CT},{CT}", "-t", "all", "-m", coarse_model_dir, "-o", tmp_path,
+                                "--json", "--no-tta")
+    assert code == 0, err
+    assert [(r["value"], r["task"]) for r in json.loads(stdout)["labels"]] == [(17, "pet_lesion")]
+    assert set(np.unique(np.asarray(nib.load(tmp_path / "example_ct_all.nii.gz").dataobj))) <= {0, 17}

@@ -40,11 +40,12 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     log.info("%d case(s), task %s, model %s on %s", len(plan), key, model or "(default)", segmenter.device)
     pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, emit=emit)
     with _Progress(enabled=progress and sys.stderr.isatty()) as bar, pipeline:
-        todo = [(case, target) for case, target in plan if not (skip_existing and target.exists())]
+        skipped = {case.name for case, target in plan if skip_existing and target.exists()}
+        todo = [(case, target) for case, target in plan if case.name not in skipped]
         pipeline.prefetch(todo[0] if todo else None)
         upcoming = iter(todo[1:])
         for case, target in plan:
-            if skip_existing and target.exists():
+            if case.name in skipped:
                 pipeline.done(CaseResult(case=case.name, inputs=[str(p) for p in case.channels], task=key,
                                          output=str(target), skipped=True))
                 continue

@@ -90,16 +90,16 @@ class Segmenter:
 
     def __init__(self, model: str | Path | UniSeg | None, *, device: str | torch.device = "auto",
                  window: WindowOptions = WindowOptions(precision="auto")) -> None:
+        if not 0 < window.step <= 1:
+            raise UsageError(f"--step must be in (0, 1], got {window.step}")
+        if window.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {window.batch_size}")
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         if isinstance(model, UniSeg):
             self.model = model.to(self.device).eval()
         else:
             self.model = load_model(resolve_model(model).path, device=self.device)
         self.window = replace(window, precision=resolve_precision(window.precision, self.device))
-        if not 0 < window.step <= 1:
-            raise UsageError(f"--step must be in (0, 1], got {window.step}")
-        if window.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {window.batch_size}")
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -129,10 +129,10 @@ class Segmenter:
                 raise UnisegError(f"{source}: no task of the model takes a {modality} scan with {channels} channel(s)")
         return fitting
 
-    def legend(self, tasks: Sequence[Task]) -> tuple[list[Label], dict[str, int]]:
-        """Label values of the written map: the task's own for one task; for several, the merged
-        numbering of DESIGN.md §2 (each task's labels after those of all earlier tasks)."""
-        if len(tasks) == 1:
+    def legend(self, tasks: Sequence[Task], *, merged: bool) -> tuple[list[Label], dict[str, int]]:
+        """Label values of the written map: the task's own for one task; for ``all`` (even when only one
+        task fits), the merged numbering of DESIGN.md §2 (each task's labels after all earlier tasks')."""
+        if not merged:
             task = tasks[0]
             return [Label(i + 1, name, task.key) for i, name in enumerate(task.labels)], {task.key: 0}
         offsets, offset = {}, 0
@@ -165,8 +165,11 @@ class Segmenter:
         data = data[None] if data.ndim == 3 else data
         if data.ndim != 4:
             raise UnisegError(f"{source}: expected a (channels, z, y, x) array, got shape {data.shape}")
-        tasks = self.select_tasks(task, data, source=source, modality=modality) if isinstance(task, str) else list(task)
-        legend, offsets = self.legend(tasks)
+        if isinstance(task, str):
+            tasks, merged = self.select_tasks(task, data, source=source, modality=modality), self.task_key(task) == ALL_TASKS
+        else:
+            tasks, merged = list(task), len(task) > 1
+        legend, offsets = self.legend(tasks, merged=merged)
         groups = [(group, *preprocess(data, tuple(spacing), axis_world, group[0].channels, group[0].target_spacing))
                   for group in _group_by_preprocessing(tasks)]
         return NetworkInputs(tuple(data.shape[1:]), legend, offsets, groups)  # type: ignore[arg-type]

@@ -46,11 +46,12 @@ def predict(
     """
     from uniseg_cli.batch import run_batch
     from uniseg_cli.errors import UsageError
+    from uniseg_cli.predictor import PROBABILITY_FORMATS
     from uniseg_cli.sliding_window import WindowOptions
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
-    if save_probabilities is not None and save_probabilities not in ("npz", "nifti"):
+    if save_probabilities is not None and save_probabilities not in PROBABILITY_FORMATS:
         raise UsageError(f"--save-probabilities must be npz or nifti, got {save_probabilities!r}")
     if modality is not None and modality.upper() not in ("CT", "MR"):
         raise UsageError(f"--modality must be CT or MR, got {modality!r}")
