@@ -52,13 +52,17 @@ def prepare(work: Path, model_dir: Path | None, cases: list[str]) -> tuple[Path,
     runs = []
     for name in cases:
         source = CT
-        if name == "large":
+        if name in ("large", "huge"):
             image = sitk.ReadImage(str(CT))
-            spacing = (0.8, 0.8, 1.5)
-            size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+            if name == "large":
+                spacing = (0.8, 0.8, 1.5)
+                size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+            else:  # 512 × 512 × 600 voxels over the same field of view
+                size = [512, 512, 600]
+                spacing = tuple(n * s / t for n, s, t in zip(image.GetSize(), image.GetSpacing(), size))
             big = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
                                 image.GetDirection(), -1024, sitk.sitkInt16)
-            source = work / "large_ct.nii.gz"
+            source = work / f"{name}_ct.nii.gz"
             sitk.WriteImage(big, str(source))
         data, geometry = read_image(source)
         x, info = preprocess(data, geometry.spacing, geometry.array_axis_world(), task.channels, task.target_spacing)
@@ -137,7 +141,7 @@ def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--cases", default="small,tile-tta,large")
+    parser.add_argument("--cases", default="small,tile-tta,large", help="any of small, tile-tta, large, huge")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--run-one", nargs=4, metavar=("TOOL", "MODEL", "RUN_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,7 +164,8 @@ def main() -> None:
         grid = "×".join(map(str, run["source_shape"][::-1]))
         what = {"small": f"real CT {grid} @ 3 mm",
                 "tile-tta": "one 64×192×192 tile of the real CT, 8-way mirroring",
-                "large": f"real CT resampled to 0.8×0.8×1.5 mm ({grid}; made by resampling, not a real scan)"}
+                "large": f"real CT resampled to 0.8×0.8×1.5 mm ({grid}; made by resampling, not a real scan)",
+                "huge": f"real CT resampled to {grid} voxels (made by resampling, not a real scan)"}
         print(f"\n{run['name']}: {what[run['name']]}, TTA {'on' if run['tta'] else 'off'}")
         for tool, r in results.items():
             print(f"  {tool:9s} window {r['window_s']:7.1f} s  export {r['export_s']:6.1f} s  total {r['total_s']:7.1f} s"

@@ -27,7 +27,7 @@ from uniseg_cli.hub import resolve_model
 from uniseg_cli.imageio import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.preprocessing import CropInfo, argmax_classes, preprocess, resample_probabilities, uncrop
+from uniseg_cli.preprocessing import CropInfo, labels_from_probabilities, preprocess, uncrop
 from uniseg_cli.runtime import resolve_precision
 from uniseg_cli.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.tasks import Task, resolve_task
@@ -185,12 +185,11 @@ class Segmenter:
                 outputs = sliding_window(self.model, tensor, [(t.id, t.num_classes) for t in group], self.window,
                                          on_tile=on_tile)
                 for task_, probs in zip(group, outputs):
-                    probs = resample_probabilities(probs, info)
-                    labels = uncrop(argmax_classes(probs).cpu().numpy(), info)
-                    if probabilities:
-                        p = probs.half().cpu().numpy()
+                    labels_t, p = labels_from_probabilities(probs, info, keep=probabilities)
+                    labels = uncrop(labels_t.cpu().numpy(), info)
+                    if p is not None:
                         saved[task_.key] = np.concatenate([uncrop(p[:1], info, fill=1), uncrop(p[1:], info)])
-                    del probs
+                    del probs, labels_t, p
                     hit = labels > 0
                     merged[hit] = labels[hit] + inputs.offsets[task_.key]
         return Prediction(merged, inputs.legend, saved)

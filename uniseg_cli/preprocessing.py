@@ -202,6 +202,55 @@ def resample_probabilities(probabilities: torch.Tensor, info: CropInfo) -> torch
     return planes.index_select(0, index).movedim(0, 1 + axis)
 
 
+#: Largest slab of full-resolution probabilities held at once by ``labels_from_probabilities``.
+EXPORT_SLAB_BYTES = 256 * 2**20
+
+
+def labels_from_probabilities(probabilities: torch.Tensor, info: CropInfo, *, keep: bool = False,
+                              slab_bytes: int = EXPORT_SLAB_BYTES) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Labels (uint8, cropped original grid) from probabilities at the target spacing, slab by slab.
+
+    Resampling all classes to the original grid at once needs ``classes × voxels × 4`` bytes (1.9 GB
+    for three classes of a 512×512×600 CT); here only slabs of at most ``slab_bytes`` along the first
+    axis exist at a time. The interpolation is the same as ``resample_probabilities``: linear along
+    the first axis (nearest when it is the separately handled axis), bilinear in-plane. ``keep`` also
+    returns the float16 probabilities on the original grid (for ``--save-probabilities``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    shape = info.cropped_shape
+    axis = info.separate_axis
+    if axis not in (None, 0) or tuple(probabilities.shape[1:]) == shape:
+        full = resample_probabilities(probabilities, info)
+        return argmax_classes(full), (full.half().cpu().numpy() if keep else None)
+    classes, size_in = probabilities.shape[0], probabilities.shape[1]
+    labels = torch.empty(shape, dtype=torch.uint8, device=probabilities.device)
+    kept = np.empty((classes, *shape), dtype=np.float16) if keep else None
+    rows = max(1, slab_bytes // (classes * shape[1] * shape[2] * 4))
+    if axis == 0:
+        lower = torch.from_numpy(nearest_indices(size_in, shape[0])).to(probabilities.device)
+        upper, weight = lower, None
+    else:  # torch's linear source index with align_corners=False: clamped at 0, upper neighbour capped
+        source = ((torch.arange(shape[0], dtype=torch.float64) + 0.5) * (size_in / shape[0]) - 0.5).clamp(min=0)
+        lower = source.floor().long()
+        upper = torch.clamp(lower + 1, max=size_in - 1)
+        weight = (source - lower).float().to(probabilities.device)
+        lower, upper = lower.to(probabilities.device), upper.to(probabilities.device)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        slab = probabilities.index_select(1, lower[start:stop])
+        if weight is not None:
+            w = weight[start:stop].view(1, -1, 1, 1)
+            slab = slab * (1 - w) + probabilities.index_select(1, upper[start:stop]) * w
+        if slab.shape[2:] != shape[1:]:
+            slab = F.interpolate(slab, size=shape[1:], mode="bilinear", align_corners=False)
+        labels[start:stop] = argmax_classes(slab)
+        if kept is not None:
+            kept[:, start:stop] = slab.half().cpu().numpy()
+    return labels, kept
+
+
 def argmax_classes(probabilities: torch.Tensor) -> torch.Tensor:
     """``probabilities.argmax(0)`` as uint8 (first maximum wins), without torch's slow CPU reduction
     over a short leading axis: a running maximum over the few classes."""
