@@ -47,6 +47,7 @@ def predict(
     from uniseg_cli.batch import run_batch
     from uniseg_cli.errors import UsageError
     from uniseg_cli.predictor import PROBABILITY_FORMATS
+    from uniseg_cli.runtime import PRECISIONS, keep_freed_memory
     from uniseg_cli.sliding_window import WindowOptions
 
     if quiet:
@@ -55,8 +56,8 @@ def predict(
         raise UsageError(f"--save-probabilities must be npz or nifti, got {save_probabilities!r}")
     if modality is not None and modality.upper() not in ("CT", "MR"):
         raise UsageError(f"--modality must be CT or MR, got {modality!r}")
-    from uniseg_cli.runtime import keep_freed_memory
-
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     keep_freed_memory()  # this process only: avoids millions of page faults per forward pass
     tta = (not fast) if tta is None else tta
     step = (0.75 if fast else 0.5) if step is None else step
