@@ -191,3 +191,21 @@ def test_all_keeps_the_merged_numbering_when_one_task_fits(run_cli, coarse_model
     assert code == 0, err
     assert [(r["value"], r["task"]) for r in json.loads(stdout)["labels"]] == [(17, "pet_lesion")]
     assert set(np.unique(np.asarray(nib.load(tmp_path / "example_ct_all.nii.gz").dataobj))) <= {0, 17}
+
+
+def test_a_sagittally_stored_scan_gives_the_same_labels_in_its_own_geometry(run_cli, coarse_model_dir, tmp_path):
+    # The same CT stored with its array axes permuted (x, y, z) -> (y, z, x), affine columns permuted to
+    # match: the same voxels in space. uniseg reorients to axial order by permutation, so the label maps
+    # must be the same voxels too, each written in its input's own geometry.
+    image = nib.load(CT)
+    data = np.asarray(image.dataobj)
+    permuted = nib.Nifti1Image(np.ascontiguousarray(data.transpose(1, 2, 0)),
+                               image.affine[:, [1, 2, 0, 3]], image.header)
+    nib.save(permuted, tmp_path / "sagittal.nii.gz")
+    code, _, err = run_cli("predict", CT, tmp_path / "sagittal.nii.gz", "-t", "liver", "-m", coarse_model_dir,
+                           "-o", tmp_path / "out", "--no-tta")
+    assert code == 0, err
+    axial = np.asarray(nib.load(tmp_path / "out" / "example_ct_liver.nii.gz").dataobj)
+    sagittal = nib.load(tmp_path / "out" / "sagittal_liver.nii.gz")
+    assert np.array_equal(sagittal.affine, permuted.affine) and sagittal.shape == permuted.shape
+    assert np.array_equal(np.asarray(sagittal.dataobj), axial.transpose(1, 2, 0))
