@@ -30,14 +30,10 @@ def tasks(
 
 def _model_tasks(model: str) -> tuple[Task, ...]:
     from uniseg_cli.config import UniSegConfig
-    from uniseg_cli.errors import ModelFileError
     from uniseg_cli.hub import resolve_model
     from uniseg_cli.model.files import model_paths
 
-    try:
-        config_path, _ = model_paths(resolve_model(model).path)
-    except ModelFileError as exc:
-        raise ModelFileError(str(exc)) from None
+    config_path, _ = model_paths(resolve_model(model).path)
     return UniSegConfig.from_json_file(config_path).tasks
 
 
