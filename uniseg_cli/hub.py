@@ -169,7 +169,13 @@ def _from_hub(spec: str, name: str) -> ResolvedModel:
     if not match:
         raise UsageError(f"model {spec!r}: a Hub name is owner/name or owner/name@revision")
     repo, revision = match.group("repo"), match.group("revision") or "main"
-    return ResolvedModel(path=download(repo, revision, name=spec), spec=spec, repo=repo, revision=revision)
+    try:
+        folder = download(repo, revision, name=spec)
+    except ModelFileError as exc:
+        if spec.startswith("hf://"):
+            raise
+        raise ModelFileError(f"{exc} (there is no local folder {spec!r} either)") from None
+    return ResolvedModel(path=folder, spec=spec, repo=repo, revision=revision)
 
 
 def download(repo: str, revision: str, *, name: str, pins: dict[str, str] | None = None) -> Path:
