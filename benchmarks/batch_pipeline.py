@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
-import torch
-
-from throughput import CT, make_large_ct
+from throughput import setup
 
 
 def main() -> None:
@@ -27,20 +23,12 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     args = parser.parse_args()
 
-    from uniseg_cli import save_model
     from uniseg_cli.batch import run_batch
     from uniseg_cli.cases import Case
-    from uniseg_cli.config import UniSegConfig
-    from uniseg_cli.model.network import UniSeg
     from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.runtime import keep_freed_memory
     from uniseg_cli.sliding_window import WindowOptions
 
-    keep_freed_memory()
-    work = Path(tempfile.mkdtemp(prefix="uniseg-batch-"))
-    torch.manual_seed(0)
-    model_dir = save_model(UniSeg(UniSegConfig()), work / "model")
-    source = make_large_ct(work / "large.nii.gz") if args.large else CT
+    work, model_dir, source = setup("uniseg-batch-", large=args.large)
     scans = []
     for i in range(args.cases):
         scans.append(work / "in" / f"case{i}.nii.gz")

@@ -42,6 +42,21 @@ def make_large_ct(path: Path) -> Path:
     return path
 
 
+def setup(prefix: str, *, large: bool) -> tuple[Path, Path, Path]:
+    """The benchmark process as `uniseg predict` runs: allocator kept; a seeded published-size model
+    folder and the input scan in a fresh work folder. Returns (work folder, model folder, scan)."""
+    from uniseg_cli import save_model
+    from uniseg_cli.config import UniSegConfig
+    from uniseg_cli.model.network import UniSeg
+    from uniseg_cli.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    torch.manual_seed(0)
+    model_dir = save_model(UniSeg(UniSegConfig()), work / "model")
+    return work, model_dir, make_large_ct(work / "large_ct.nii.gz") if large else CT
+
+
 def flops_per_forward(config) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -73,20 +88,14 @@ def main() -> None:
 
     import nibabel as nib
 
-    from uniseg_cli import save_model
+    from uniseg_cli import sliding_window as sw_module
     from uniseg_cli.cases import Case
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.model.network import UniSeg
     from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.runtime import keep_freed_memory
-    from uniseg_cli import sliding_window as sw_module
     from uniseg_cli.sliding_window import WindowOptions
 
-    keep_freed_memory()
-    work = Path(tempfile.mkdtemp(prefix="uniseg-throughput-"))
-    torch.manual_seed(0)
-    model_dir = save_model(UniSeg(UniSegConfig()), work / "model")
-    scan = make_large_ct(work / "large_ct.nii.gz") if args.large else CT
+    work, model_dir, scan = setup("uniseg-throughput-", large=args.large)
     flops = flops_per_forward(UniSegConfig())
     shape = nib.load(scan).shape
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} CPU threads; input {scan.name} "
