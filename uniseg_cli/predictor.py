@@ -182,8 +182,7 @@ class Segmenter:
         for group, x, info in inputs.groups:
             tensor = torch.from_numpy(x).to(self.device)
             with torch.inference_mode():
-                outputs = sliding_window(self.model, tensor, [(t.id, t.num_classes) for t in group], self.window,
-                                         on_tile=on_tile)
+                outputs = self._window(tensor, [(t.id, t.num_classes) for t in group], on_tile)
                 for task_, probs in zip(group, outputs):
                     labels_t, p = labels_from_probabilities(probs, info, keep=probabilities)
                     labels = uncrop(labels_t.cpu().numpy(), info)
@@ -193,6 +192,22 @@ class Segmenter:
                     hit = labels > 0
                     merged[hit] = labels[hit] + inputs.offsets[task_.key]
         return Prediction(merged, inputs.legend, saved)
+
+    def _window(self, tensor: torch.Tensor, tasks: list[tuple[int, int]],
+                on_tile: Callable[[int, int], None] | None) -> list[torch.Tensor]:
+        """The sliding window; if the accelerator runs out of memory for the accumulation, the case is
+        redone with the accumulation (not the network) on the CPU, with a warning."""
+        try:
+            return sliding_window(self.model, tensor, tasks, self.window, on_tile=on_tile)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cpu":
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of %s memory for a %s volume: accumulating on the CPU (slower; the network stays "
+                        "on %s)", self.device, "×".join(map(str, tensor.shape[1:])), self.device)
+            return sliding_window(self.model, tensor, tasks, self.window, on_tile=on_tile,
+                                  accumulate_on=torch.device("cpu"))
 
     def task_key(self, spec: str) -> str:
         """``all`` or the key of the task ``spec`` names (used in output names and results)."""

@@ -85,19 +85,22 @@ class WindowOptions:
 
 def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, int]],
                    options: WindowOptions = WindowOptions(),
-                   on_tile: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+                   on_tile: Callable[[int, int], None] | None = None,
+                   accumulate_on: torch.device | None = None) -> list[torch.Tensor]:
     """Class probabilities of each ``(task index, classes)`` for a pre-processed ``(c, z, y, x)`` tensor.
 
-    Returns one ``(classes, z, y, x)`` float32 tensor per task on ``data``'s device: the softmax over
-    all network outputs, averaged over mirrors, Gaussian-weighted over tiles, restricted to the
-    task's first ``classes`` channels. ``on_tile(done, total)`` reports progress.
+    Returns one ``(classes, z, y, x)`` float32 tensor per task on ``accumulate_on`` (default: ``data``'s
+    device, where the network runs): the softmax over all network outputs, averaged over mirrors,
+    Gaussian-weighted over tiles, restricted to the task's first ``classes`` channels.
+    ``on_tile(done, total)`` reports progress.
     """
     patch = model.config.patch_size
     padded, crop = pad_to_patch(data, patch)
     device = padded.device
-    gaussian = torch.from_numpy(gaussian_importance(patch)).to(device)
-    sums = [torch.zeros((k, *padded.shape[1:]), dtype=torch.float32, device=device) for _, k in tasks]
-    weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=device)
+    results = accumulate_on or device
+    gaussian = torch.from_numpy(gaussian_importance(patch)).to(results)
+    sums = [torch.zeros((k, *padded.shape[1:]), dtype=torch.float32, device=results) for _, k in tasks]
+    weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=results)
     corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
     mirrors = [()] + [m for r in (1, 2, 3) for m in itertools.combinations(MIRROR_AXES, r)] if options.mirror else [()]
     for first in range(0, len(corners), options.batch_size):
@@ -105,7 +108,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
         x = torch.stack([padded[(slice(None), *w)] for w in windows])
         with precision_context(options.precision, device):
-            predictions = _predict_tile_batch(model, x, tasks, mirrors)
+            predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors)]
         for i, window in enumerate(windows):
             weights[window] += gaussian
             for total, prediction in zip(sums, predictions):
