@@ -29,6 +29,24 @@ def publish(tmp: str | Path, dest: str | Path, *, folder: bool = False) -> None:
 
 
 @contextlib.contextmanager
+def atomic_file(dest: str | Path, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling path to write; it becomes ``dest`` only if the block succeeds.
+
+    ``suffix`` keeps the ending that writers choose their format by (``.nii.gz``, ``.npz``).
+    """
+    dest = Path(dest)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".partial{suffix}", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        publish(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes ``dest`` only if the block succeeds.
 

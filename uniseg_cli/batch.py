@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from uniseg_cli.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
-from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.errors import UnisegError, UsageError, first_line
 from uniseg_cli.predictor import CaseResult, Prediction, PreparedCase, Segmenter
 from uniseg_cli.sliding_window import WindowOptions
 
@@ -163,7 +163,7 @@ def _ensure_folder(folder: Path) -> None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 class _Progress:

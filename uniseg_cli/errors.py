@@ -58,6 +58,12 @@ class InputShapeError(UnisegError):
     """A tensor handed to the network that it cannot take (channel count, patch size, task)."""
 
 
+def first_line(message: object) -> str:
+    """The first line of an exception's (or any) message, for one-line errors; the type name if empty."""
+    text = str(message).strip()
+    return text.splitlines()[0] if text else type(message).__name__
+
+
 def did_you_mean(name: str, valid: Iterable[str]) -> str | None:
     """The closest valid spelling of ``name``, or None when nothing is close."""
     matches = difflib.get_close_matches(name.lower(), [v.lower() for v in valid], n=1, cutoff=0.6)

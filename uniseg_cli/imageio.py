@@ -7,8 +7,6 @@ go through SimpleITK. Arrays are in SimpleITK's order (z, y, x) either way, spac
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from uniseg_cli.atomic import publish
-from uniseg_cli.errors import UnisegError
+from uniseg_cli.atomic import atomic_file
+from uniseg_cli.errors import UnisegError, first_line
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -90,7 +88,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     except ImageError:
         raise
     except Exception as exc:  # every reader fails its own way on corrupt files
-        raise ImageError(f"{path}: cannot read the image ({_first_line(exc)})") from None
+        raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
     if np.isnan(data).any():
         np.nan_to_num(data, copy=False, nan=0.0)
     return data, geometry
@@ -109,11 +107,6 @@ def read_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
         arrays.append(data)
         geometries.append(geometry)
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)), geometries[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_3d(path: Path, shape: tuple[int, ...]) -> None:
@@ -204,19 +197,12 @@ def write_array(path: str | Path, array: np.ndarray, geometry: Geometry) -> None
     NIfTI to NIfTI keeps the input's affine, qform/sform codes and header fields (with the new
     dtype); every other combination writes origin, spacing and direction through SimpleITK.
     """
-    path = Path(path)
     ending = image_ending(path) or ".nii.gz"
-    tmp_fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{ending}", dir=path.parent)
-    os.close(tmp_fd)
-    try:
+    with atomic_file(path, suffix=ending) as tmp:
         if ending in NIFTI_ENDINGS and geometry.header is not None:
-            _write_nifti(Path(tmp_name), array, geometry)
+            _write_nifti(tmp, array, geometry)
         else:
-            _write_sitk(Path(tmp_name), array, geometry)
-        publish(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+            _write_sitk(tmp, array, geometry)
 
 
 def _write_nifti(path: Path, array: np.ndarray, geometry: Geometry) -> None:

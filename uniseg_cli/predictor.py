@@ -8,8 +8,6 @@ tasks), resampled back, put into the input's grid and written atomically.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -19,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniseg_cli.atomic import publish
+from uniseg_cli.atomic import atomic_file
 from uniseg_cli.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
@@ -299,14 +297,8 @@ def _probability_path(output: Path, fmt: str) -> Path:
 def _write_probabilities(path: Path, prediction: Prediction, geometry: Geometry, fmt: str) -> None:
     """float16 ``.npz`` (one array per task key, classes first) or float32 NIfTI (NIfTI has no float16)."""
     if fmt == "npz":
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.npz", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path, suffix=".npz") as tmp:
             np.savez_compressed(tmp, **prediction.probabilities)
-            publish(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return
     stacked = np.concatenate(list(prediction.probabilities.values())).astype(np.float32)
     write_array(path, stacked, geometry)

@@ -24,7 +24,7 @@ import torch
 
 from uniseg_cli.atomic import atomic_directory
 from uniseg_cli.config import UniSegConfig
-from uniseg_cli.errors import CheckpointError, ModelFileError
+from uniseg_cli.errors import CheckpointError, ModelFileError, first_line
 from uniseg_cli.model.files import check_state_dict, load_model, write_model_files
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import UPSTREAM_TASKS
@@ -75,7 +75,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: refused: {_blocked_global(str(exc))}") from None
     except Exception as exc:  # a corrupt file fails anywhere inside torch's parser (KeyError, EOFError, …)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+                              f"{first_line(exc)})") from None
     if isinstance(data, Mapping) and "state_dict" in data:
         epoch = data.get("epoch")
         log.info("read %s (nnU-Net v1 checkpoint%s)", path.name, f", epoch {epoch}" if epoch is not None else "")
@@ -99,7 +99,7 @@ def read_plans(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused: {exc}") from None
     except Exception as exc:  # truncated or foreign data fails anywhere inside the unpickler
-        raise CheckpointError(f"{path}: not a readable plans pickle ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable plans pickle ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path}: not an nnU-Net plans file (top level is {type(data).__name__})")
     plans = data.get("plans", data)
@@ -132,12 +132,7 @@ def _blocked_global(message: str) -> str:
     match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"global ([\w.]+)", message, re.IGNORECASE)
     if match:
         return f"it asks for {match.group(1)}, which is not on uniseg's allow-list of plain data types"
-    return f"it is not a plain weights pickle ({_first_line(message)})"
-
-
-def _first_line(exc: object) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return f"it is not a plain weights pickle ({first_line(message)})"
 
 
 def infer_config(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> UniSegConfig:
