@@ -175,7 +175,8 @@ class Segmenter:
     def run(self, inputs: NetworkInputs, *, probabilities: bool = False,
             on_tile: Callable[[int, int], None] | None = None) -> Prediction:
         """The network half: sliding window per group, probabilities back to the input grid, merged labels."""
-        merged = np.zeros(inputs.shape, dtype=np.uint8)
+        single = sum(len(group) for group, _, _ in inputs.groups) == 1
+        merged = None if single else np.zeros(inputs.shape, dtype=np.uint8)
         saved: dict[str, np.ndarray] = {}
         for group, x, info in inputs.groups:
             tensor = torch.from_numpy(x).to(self.device)
@@ -187,8 +188,12 @@ class Segmenter:
                     if p is not None:
                         saved[task_.key] = np.concatenate([uncrop(p[:1], info, fill=1), uncrop(p[1:], info)])
                     del probs, labels_t, p
+                    offset = inputs.offsets[task_.key]
+                    if single:  # one task: its map is the output (shifted only for the merged numbering)
+                        merged = labels + np.uint8(offset) * (labels > 0) if offset else labels
+                        continue
                     hit = labels > 0
-                    merged[hit] = labels[hit] + inputs.offsets[task_.key]
+                    merged[hit] = labels[hit] + offset
         return Prediction(merged, inputs.legend, saved)
 
     def _window(self, tensor: torch.Tensor, tasks: list[tuple[int, int]],

@@ -174,7 +174,7 @@ def preprocess(data: np.ndarray, spacing: Spacing, axis_world: Sequence[int], ch
     cropped = data[(slice(None), *bbox)]
     shape = resampled_shape(cropped.shape[1:], spacing, target_spacing)
     resampled = resample_image(cropped, shape, order=3, axis=info.separate_axis)
-    if resampled is cropped or np.shares_memory(resampled, data):
+    if np.may_share_memory(resampled, data):
         resampled = resampled.copy()  # normalisation works in place; never on the caller's array
     return normalize(resampled, channels), info
 
