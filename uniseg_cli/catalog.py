@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from uniseg_cli.errors import ModelFileError, UnisegError
-from uniseg_cli.hub import MODEL_FILES, load_registry, resolve_model, sha256_of, verify_files
+from uniseg_cli.errors import UnisegError
+from uniseg_cli.hub import MODEL_FILES, load_registry, model_paths, registry_folder, resolve_model, sha256_of, verify_files
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -26,7 +26,8 @@ def list_models() -> list[dict[str, Any]]:
     for entry in registry.models.values():
         cached = None
         if entry.path is not None:
-            cached = sum((Path(str(resolve_model(entry.name).path)) / f).stat().st_size for f in MODEL_FILES) / 2**20
+            folder = registry_folder() / entry.path  # listing sizes needs no re-hash of bundled files
+            cached = sum((folder / f).stat().st_size for f in MODEL_FILES if (folder / f).is_file()) / 2**20
         elif entry.repo in repos:
             for revision in repos[entry.repo].revisions:
                 if revision.commit_hash == entry.revision:
@@ -58,7 +59,6 @@ def describe_model(spec: str) -> dict[str, Any]:
     import torch
 
     from uniseg_cli.config import UniSegConfig
-    from uniseg_cli.model.files import model_paths
     from uniseg_cli.model.network import UniSeg
 
     resolved = resolve_model(spec)
@@ -78,17 +78,11 @@ def describe_model(spec: str) -> dict[str, Any]:
 def verify_model(spec: str) -> list[str]:
     """``sha256  file`` lines; registry models are checked against their pins (a mismatch raises)."""
     resolved = resolve_model(spec)
-    folder = resolved.path if resolved.path.is_dir() else resolved.path.parent
     if resolved.entry is not None:
-        hashes = verify_files(folder, resolved.entry)
+        hashes = verify_files(resolved.path, resolved.entry)
         return [f"{h}  {name}  OK (pinned in the registry as {resolved.entry.name})" for name, h in hashes.items()]
-    lines = []
-    for name in MODEL_FILES:
-        path = folder / name
-        if not path.is_file():
-            raise ModelFileError(f"{folder}: {name} is missing")
-        lines.append(f"{sha256_of(path)}  {name}  (not in the registry: nothing to compare with)")
-    return lines
+    return [f"{sha256_of(path)}  {path.name}  (not in the registry: nothing to compare with)"
+            for path in model_paths(resolved.path)]
 
 
 def prepare_upload(folder: Path, repo: str) -> Path:

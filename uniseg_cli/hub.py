@@ -10,7 +10,8 @@ One function, ``resolve_model``, turns what a user types after ``--model`` into 
    or its bundled folder.
 4. ``owner/name[@revision]``: the Hub (revision ``main`` if none).
 
-Downloads use huggingface_hub, so the standard cache and ``HF_HOME``, ``HF_HUB_CACHE``,
+It also names the two files of a model folder (``model_paths``), torch-free so that listing a model's
+tasks needs no torch. Downloads use huggingface_hub, so the standard cache and ``HF_HOME``, ``HF_HUB_CACHE``,
 ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_TOKEN`` apply.
 """
 
@@ -27,7 +28,26 @@ from typing import Any
 
 from uniseg_cli.errors import ModelFileError, UnisegError, UnknownNameError, UsageError
 
-MODEL_FILES = ("config.json", "model.safetensors")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+
+def model_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(config.json, model.safetensors)`` of a model folder, or of a ``.safetensors`` file's folder."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and not path.is_dir():
+        weights, config = path, path.parent / CONFIG_NAME
+    else:
+        weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model folder or file")
+    for needed in (config, weights):
+        if not needed.is_file():
+            raise ModelFileError(f"{path}: not a model folder ({needed.name} is missing)")
+    return config, weights
+
+
 REGISTRY_VERSION = 1
 log = logging.getLogger(__name__)
 _HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")

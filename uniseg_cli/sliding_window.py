@@ -112,7 +112,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
         for i, window in enumerate(windows):
             weights[window] += gaussian
             for total, prediction in zip(sums, predictions):
-                total[(slice(None), *window)] += prediction[i] * gaussian
+                total[(slice(None), *window)].addcmul_(prediction[i], gaussian)  # no temporary per tile
         if on_tile is not None:
             on_tile(first + len(batch_corners), len(corners))
     weights = weights[crop]

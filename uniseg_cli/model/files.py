@@ -16,26 +16,8 @@ from safetensors.torch import save_file
 from uniseg_cli.atomic import atomic_directory
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import ConfigError, ModelFileError
+from uniseg_cli.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
 from uniseg_cli.model.network import UniSeg
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-
-def model_paths(path: str | Path) -> tuple[Path, Path]:
-    """``(config.json, model.safetensors)`` of a model folder, or of a ``.safetensors`` file's folder."""
-    path = Path(path)
-    if path.suffix == ".safetensors" and not path.is_dir():
-        weights, config = path, path.parent / CONFIG_NAME
-    else:
-        weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
-    if not path.exists():
-        raise ModelFileError(f"{path}: no such model folder or file")
-    for needed in (config, weights):
-        if not needed.is_file():
-            raise ModelFileError(f"{path}: not a model folder ({needed.name} is missing)")
-    return config, weights
-
 
 def save_model(model: UniSeg, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` (its config and float weights) as a model folder, atomically."""
