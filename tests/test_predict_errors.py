@@ -134,3 +134,12 @@ def test_ambiguous_channel_naming_is_refused(run_cli, coarse_model_dir, tmp_path
     shutil.copy(CT, folder / "case_0002.nii.gz")
     code, _, err = run_cli("predict", folder, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
     assert code == 2 and "without gaps; found 0000, 0002" in _one_error_line(err)
+
+
+def test_folder_without_scans(run_cli, coarse_model_dir, tmp_path, out):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no scans here")
+    code, _, err = run_cli("predict", empty, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 2 and _one_error_line(err) == (f"Error: {empty}: folder holds no scans (.nii.gz, .nii, .nrrd, "
+                                                  ".mha, .mhd) and no DICOM series")

@@ -48,16 +48,8 @@ def collect_cases(arguments: Sequence[str], stdin_lines: Iterable[str] = ()) -> 
             cases.append(_explicit_case(argument))
         else:
             path = Path(argument)
-            if path.is_dir() and not is_dicom_folder(path):
-                files = sorted(p for p in path.iterdir() if image_ending(p) and not p.name.startswith("."))
-                subfolders = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_folder(p))
-                if not files and not subfolders:
-                    raise UsageError(f"{path}: folder holds no scans ({', '.join(('.nii.gz', '.nrrd', '.mha'))}, …) "
-                                     "and no DICOM series")
-                cases += group_channel_files(files)
-                cases += [Case(p.name, (p,)) for p in subfolders]
-            elif path.is_dir():
-                cases.append(Case(path.name, (path,)))
+            if path.is_dir():
+                cases += _folder_cases(path)
             else:
                 loose.append(path)
     cases += group_channel_files(loose)
@@ -68,6 +60,21 @@ def collect_cases(arguments: Sequence[str], stdin_lines: Iterable[str] = ()) -> 
                              f"{case.channels[0]}); their outputs would collide")
         names[case.name] = case
     return list(dict.fromkeys(cases))
+
+
+def _folder_cases(path: Path) -> list[Case]:
+    """A folder of scans (grouped by channel naming) plus DICOM series subfolders, or one DICOM series.
+
+    Scan files are listed first: a folder that holds them is not a series, which spares scanning every
+    file of a large folder for DICOM headers.
+    """
+    files = sorted(p for p in path.iterdir() if image_ending(p) and not p.name.startswith("."))
+    if not files and is_dicom_folder(path):
+        return [Case(path.name, (path,))]
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_folder(p))
+    if not files and not subfolders:
+        raise UsageError(f"{path}: folder holds no scans (.nii.gz, .nii, .nrrd, .mha, .mhd) and no DICOM series")
+    return group_channel_files(files) + [Case(p.name, (p,)) for p in subfolders]
 
 
 def _explicit_case(text: str) -> Case:
