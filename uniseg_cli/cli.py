@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import typer
 
 from uniseg_cli import __version__
-from uniseg_cli.commands import predict, tasks, weights
+from uniseg_cli.commands import predict, preprocess, tasks, train, weights
 from uniseg_cli.errors import UnisegError
 
 HELP = """Prompt-driven universal 3D medical image segmentation (UniSeg).
@@ -27,6 +27,7 @@ Examples:
   uniseg tasks                          list the tasks and their aliases
   uniseg tasks --json                   the same as JSON
   uniseg weights import model_final_checkpoint.model -o uniseg-11task
+  uniseg preprocess -d kidney=./Dataset001_KiTS -o prep/ && uniseg train prep/ -o my-model/
 """
 
 app = typer.Typer(
@@ -60,6 +61,8 @@ def root(
 
 app.command("predict")(predict.predict)
 app.command("tasks")(tasks.tasks)
+app.command("preprocess")(preprocess.preprocess)
+app.command("train")(train.train)
 app.add_typer(weights.app, name="weights")
 
 

@@ -71,8 +71,11 @@ class Geometry:
         return tuple(int(np.argmax(np.abs(d[:, 2 - a]))) for a in range(3))  # type: ignore[return-value]
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """One scan file or DICOM series folder as a float32 ``(channels, z, y, x)`` array and its geometry."""
+def read_image(path: str | Path, *, nan_to_zero: bool = True) -> tuple[np.ndarray, Geometry]:
+    """One scan file or DICOM series folder as a float32 ``(channels, z, y, x)`` array and its geometry.
+
+    NaN becomes 0 (DESIGN.md §3) unless ``nan_to_zero`` is off (the training-data check refuses NaN).
+    """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -89,16 +92,16 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         raise
     except Exception as exc:  # every reader fails its own way on corrupt files
         raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
-    if np.isnan(data).any():
+    if nan_to_zero and np.isnan(data).any():
         np.nan_to_num(data, copy=False, nan=0.0)
     return data, geometry
 
 
-def read_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
+def read_channels(paths: Sequence[str | Path], *, nan_to_zero: bool = True) -> tuple[np.ndarray, Geometry]:
     """The channels of one case, checked to share one grid; a 4-D NIfTI counts as its channels."""
     arrays, geometries = [], []
     for path in paths:
-        data, geometry = read_image(path)
+        data, geometry = read_image(path, nan_to_zero=nan_to_zero)
         if geometries and not geometry.same_grid(geometries[0]):
             raise ImageError(
                 f"channels are on different grids: {paths[0]} is {geometries[0].describe()}, "

@@ -179,6 +179,26 @@ def preprocess(data: np.ndarray, spacing: Spacing, axis_world: Sequence[int], ch
     return normalize(resampled, channels), info
 
 
+def preprocess_labels(labels: np.ndarray, info: CropInfo) -> np.ndarray:
+    """A label map ``(z, y, x)`` of class indices through the same reorientation, crop and resampling
+    as its image (``info`` from ``preprocess``), to uint8 at the target spacing.
+
+    As nnU-Net v1's ``resize_segmentation``: each class mask is resampled with order 1 (the separate
+    axis with order 0) and the voxels at or above 0.5 take that class, later classes winning.
+    """
+    labels = np.transpose(labels, info.permutation)[info.bbox]
+    shape = resampled_shape(labels.shape, info.spacing, info.target_spacing)
+    if tuple(labels.shape) == shape:
+        return labels.astype(np.uint8)
+    out = np.zeros(shape, dtype=np.uint8)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        mask = (labels == value).astype(np.float32)[None]
+        out[resample_image(mask, shape, order=1, axis=info.separate_axis)[0] >= 0.5] = value
+    return out
+
+
 def resample_probabilities(probabilities: torch.Tensor, info: CropInfo) -> torch.Tensor:
     """Class probabilities ``(k, z, y, x)`` at the target spacing back to the cropped original grid.
 

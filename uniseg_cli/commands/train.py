@@ -1,0 +1,71 @@
+"""``uniseg train``: train a UniSeg model on a pre-processed folder (single process or torchrun)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from uniseg_cli.devices import DEVICE_HELP
+
+
+def train(
+    data: Path = typer.Argument(..., metavar="PREPROCESSED", help="Folder written by `uniseg preprocess`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Model folder to write (usable by `uniseg predict --model`)."),
+    preset: str = typer.Option("published", "--preset", metavar="published|small", help="Network size: published (patch 64x192x192, 32-320 features) or small (patch 32x64x64, 4-32 features: CPU smoke runs)."),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size", metavar="Z,Y,X", help="Override the preset's patch size."),
+    base_features: Optional[int] = typer.Option(None, "--base-features", min=1, help="Override the preset's features of the first stage."),
+    max_features: Optional[int] = typer.Option(None, "--max-features", min=1, help="Override the preset's largest feature count."),
+    epochs: int = typer.Option(1000, "--epochs", min=1, help="Epochs (published: 1000)."),
+    batches_per_task: int = typer.Option(50, "--batches-per-task", min=1, help="Batches per task per epoch (published: 50)."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Patches per batch (published: 2)."),
+    learning_rate: float = typer.Option(1e-2, "--lr", min=0.0, help="Initial learning rate, poly decay (published: 0.01)."),
+    fold: str = typer.Option("0", "--fold", help="Cross-validation fold 0-4 (nnU-Net's split, seed 12345) or 'all' (no validation)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="JSON {task: [{train: [...], val: [...]}, ...]} (or nnU-Net's splits_final.json for one task)."),
+    val_every: int = typer.Option(50, "--val-every", min=1, help="Validate (sliding window on the held-out cases) every N epochs and at the end."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
+    workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading worker processes (0 = in the training process)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and of every batch."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="nnU-Net moreDA augmentation on the training device."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
+) -> None:
+    """Train UniSeg with the published recipe: one task per batch, SGD 0.99, poly LR, Dice+CE.
+
+    Writes OUTPUT/config.json + model.safetensors (final weights), OUTPUT/best/ (best validation),
+    training_state.pt (for --resume), training_log.jsonl, training_curves.png and splits.json.
+    Several GPUs or machines: torchrun --nproc_per_node N -m uniseg_cli train ...
+
+    \b
+    Examples:
+      uniseg train prep/ -o my-model/
+      uniseg train prep/ -o smoke/ --preset small --epochs 5 --batches-per-task 10 --device cpu
+      torchrun --nproc_per_node 4 -m uniseg_cli train prep/ -o my-model/
+    """
+    from uniseg_cli.errors import UsageError
+    from uniseg_cli.preprocessed import read_plan
+    from uniseg_cli.training.trainer import TrainOptions, train as run_training, training_config
+
+    if quiet:
+        logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
+    if fold != "all" and not fold.isdigit():
+        raise UsageError(f"--fold must be a number or 'all', got {fold!r}")
+    patch = None
+    if patch_size is not None:
+        try:
+            patch = [int(p) for p in patch_size.split(",")]
+        except ValueError:
+            patch = []
+        if len(patch) != 3:
+            raise UsageError(f"--patch-size must be three integers Z,Y,X, got {patch_size!r}")
+    config = None
+    if not resume:
+        config = training_config(read_plan(data), preset, patch_size=patch, base_features=base_features,
+                                 max_features=max_features)
+    options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
+                           learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
+                           device=device, workers=workers, seed=seed, resume=resume, augment=augment,
+                           progress=not quiet)
+    run_training(data, output, config=config, options=options)

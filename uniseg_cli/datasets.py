@@ -1,0 +1,268 @@
+"""Raw training datasets: nnU-Net v2 and Medical Segmentation Decathlon folders, attached to tasks.
+
+A dataset is read from its ``dataset.json``; each is attached to a task, either one the model
+already knows (``kidney=./Dataset001_KiTS``: its channels, spacing and classes) or a new task made
+from the dataset (its channel names, labels and median spacing). The foreground labels are taken in
+the order ``dataset.json`` lists them and become the task's classes 1, 2, …; so a BraTS dataset
+listing ``edema: 2, non-enhancing: 1, enhancing: 4`` maps 2→1, 1→2, 4→3 as DESIGN.md §2 asks.
+
+Plain data and numpy; the integrity check reads every file before any pre-processing starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.imageio import ImageError, read_channels, read_image
+from uniseg_cli.preprocessing import axial_permutation
+from uniseg_cli.tasks import CT_WINDOW, Channel, Task, resolve_task
+
+DATASET_JSON = "dataset.json"
+_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class DatasetError(UnisegError):
+    """A dataset that cannot be trained on as it is (named file, one line)."""
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """One labelled case: its channel files in the dataset's channel order and its label map."""
+
+    name: str
+    channels: tuple[Path, ...]
+    label: Path
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A raw dataset: where it is, its channels (names from dataset.json), labels and cases.
+
+    ``labels`` maps each foreground label name to its value in the label files, in dataset.json order.
+    """
+
+    root: Path
+    format: str
+    channel_names: tuple[str, ...]
+    labels: tuple[tuple[str, int], ...]
+    cases: tuple[TrainingCase, ...]
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        return tuple(v for _, v in self.labels)
+
+
+# ------------------------------------------------------------------------------------ reading
+def read_dataset(root: str | Path) -> Dataset:
+    """Parse ``root/dataset.json`` (nnU-Net v2 or MSD layout) and list the cases; files are not opened."""
+    root = Path(root)
+    meta_path = root / DATASET_JSON
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such dataset folder")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{meta_path}: missing (a dataset folder needs nnU-Net v2's or the MSD's dataset.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{meta_path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object")
+    if "training" in meta and "modality" in meta:
+        return _read_msd(root, meta, meta_path)
+    if "channel_names" in meta and "file_ending" in meta:
+        return _read_nnunet(root, meta, meta_path)
+    raise DatasetError(f"{meta_path}: neither nnU-Net v2 (channel_names, labels, file_ending) "
+                       "nor MSD (modality, labels, training) format")
+
+
+def _channel_names(raw: Any, where: Path, key: str) -> tuple[str, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f"{where}: {key} must be a non-empty object")
+    try:
+        order = sorted(raw, key=int)
+    except ValueError:
+        raise DatasetError(f"{where}: {key} keys must be channel numbers 0, 1, …") from None
+    if [int(k) for k in order] != list(range(len(order))):
+        raise DatasetError(f"{where}: {key} must number the channels 0…{len(order) - 1}")
+    return tuple(str(raw[k]) for k in order)
+
+
+def _foreground(pairs: list[tuple[str, Any]], where: Path) -> tuple[tuple[str, int], ...]:
+    labels = []
+    for name, value in pairs:
+        if isinstance(value, list):
+            raise DatasetError(f"{where}: label {name!r} is a region (list of values); region-based "
+                               "training is not supported")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
+            raise DatasetError(f"{where}: label {name!r} must be an integer 0…255, got {value!r}")
+        if value != 0:
+            labels.append((name, value))
+    values = [v for _, v in labels]
+    if len(set(values)) != len(values):
+        raise DatasetError(f"{where}: two labels share one value ({values})")
+    if not labels:
+        raise DatasetError(f"{where}: no foreground labels declared")
+    return tuple(labels)
+
+
+def _read_nnunet(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
+    channels = _channel_names(meta["channel_names"], where, "channel_names")
+    raw_labels = meta.get("labels")
+    if not isinstance(raw_labels, dict):
+        raise DatasetError(f"{where}: labels must be an object name → value")
+    labels = _foreground(list(raw_labels.items()), where)
+    ending = meta["file_ending"]
+    images, label_dir = root / "imagesTr", root / "labelsTr"
+    if not label_dir.is_dir():
+        raise DatasetError(f"{label_dir}: missing")
+    cases = []
+    for label in sorted(label_dir.glob(f"*{ending}")):
+        name = label.name[: -len(ending)]
+        cases.append(TrainingCase(name, tuple(images / f"{name}_{c:04d}{ending}" for c in range(len(channels))),
+                                  label))
+    if not cases:
+        raise DatasetError(f"{label_dir}: no label files ending in {ending}")
+    return Dataset(root, "nnU-Net v2", channels, labels, tuple(cases))
+
+
+def _read_msd(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
+    channels = _channel_names(meta["modality"], where, "modality")
+    raw_labels = meta.get("labels")
+    if not isinstance(raw_labels, dict):
+        raise DatasetError(f"{where}: labels must be an object value → name")
+    try:
+        pairs = [(str(name), int(value)) for value, name in raw_labels.items()]
+    except ValueError:
+        raise DatasetError(f"{where}: MSD label keys must be the label values") from None
+    labels = _foreground(pairs, where)
+    cases = []
+    for entry in meta["training"]:
+        if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+            raise DatasetError(f"{where}: every training entry needs image and label")
+        image, label = root / entry["image"], root / entry["label"]
+        cases.append(TrainingCase(_stem(label), (image,), label))
+    if not cases:
+        raise DatasetError(f"{where}: the training list is empty")
+    return Dataset(root, "MSD", channels, labels, tuple(cases))
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ending in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+# --------------------------------------------------------------------------- tasks of datasets
+def channel_for(name: str) -> Channel:
+    """A task channel for a dataset channel name: CT gets the published CT window, the rest z-score."""
+    upper = name.strip().upper()
+    if upper == "CT":
+        return Channel("CT", "CT", "ct", CT_WINDOW)
+    if upper in ("PET", "SUV"):
+        return Channel(name, "PET", "zscore")
+    return Channel(name, "MR", "zscore")
+
+
+def attach_task(spec: str, dataset: Dataset, known: Sequence[Task], spacing: tuple[float, float, float]) -> Task:
+    """The task a dataset trains: a known one (checked to fit) or a new one named by ``spec``.
+
+    ``spacing`` (the dataset's median) is the target spacing of a new task.
+    """
+    key = known_key(spec, known)
+    if key is not None:
+        task = resolve_task(key, known)
+        if len(task.channels) != len(dataset.channel_names):
+            raise DatasetError(
+                f"{dataset.root}: task {task.key!r} takes {len(task.channels)} channel(s) "
+                f"({', '.join(c.name for c in task.channels)}); the dataset has {len(dataset.channel_names)} "
+                f"({', '.join(dataset.channel_names)})")
+        if len(dataset.labels) > len(task.labels):
+            raise DatasetError(
+                f"{dataset.root}: task {task.key!r} has {len(task.labels)} foreground class(es) "
+                f"({', '.join(task.labels)}); the dataset declares {len(dataset.labels)}")
+        return task
+    if not _KEY.match(spec):
+        raise UsageError(f"new task name {spec!r}: use lower-case letters, digits and _ (e.g. liver_ct)")
+    return Task(id=0, key=spec, name=spec.replace("_", " "), channels=tuple(channel_for(c) for c in dataset.channel_names),
+                labels=tuple(name for name, _ in dataset.labels), target_spacing=spacing)
+
+
+def known_key(spec: str, known: Sequence[Task]) -> str | None:
+    """The key of the known task ``spec`` names (key, alias or id), or None for a new task."""
+    try:
+        return resolve_task(spec, known).key
+    except UsageError:
+        return None
+
+
+def renumber(tasks: Sequence[Task]) -> tuple[Task, ...]:
+    """Tasks with prompt ids 0…T-1 in the given order (a trained model's own numbering)."""
+    return tuple(replace(t, id=i) for i, t in enumerate(tasks))
+
+
+def parse_dataset_spec(spec: str) -> tuple[str | None, Path]:
+    """``KEY=PATH`` or ``PATH`` (the task is then named after the folder)."""
+    if "=" in spec:
+        key, _, path = spec.partition("=")
+        return key.strip().lower(), Path(path)
+    return None, Path(spec)
+
+
+def default_task_key(root: Path) -> str:
+    """``Dataset001_KiTS`` → ``kits``; ``Task03_Liver`` → ``liver``."""
+    name = re.sub(r"^(dataset|task)\d+_", "", root.resolve().name, flags=re.IGNORECASE).lower()
+    return re.sub(r"[^a-z0-9_]+", "_", name).strip("_") or "task"
+
+
+# -------------------------------------------------------------------------------- integrity
+@dataclass(frozen=True)
+class CaseCheck:
+    """What the integrity pass learned about one case (for the fingerprint and the new-task spacing)."""
+
+    name: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]   # axial order, as pre-processing sees it
+    foreground_values: tuple[int, ...]
+
+
+def check_case(case: TrainingCase, dataset: Dataset) -> CaseCheck:
+    """Read every file of one case and refuse what training could not use, with a one-line reason."""
+    for path in (*case.channels, case.label):
+        if not path.exists():
+            raise DatasetError(f"{path}: missing (case {case.name})")
+    try:
+        data, geometry = read_channels(case.channels, nan_to_zero=False)
+        label, label_geometry = read_image(case.label, nan_to_zero=False)
+    except ImageError as exc:
+        raise DatasetError(str(exc)) from None
+    if data.shape[0] != len(dataset.channel_names):
+        raise DatasetError(f"{case.channels[0]}: {data.shape[0]} channel(s), the dataset declares "
+                           f"{len(dataset.channel_names)} ({', '.join(dataset.channel_names)})")
+    if not geometry.same_grid(label_geometry):
+        raise DatasetError(f"{case.label}: label grid {label_geometry.describe()} does not match the image "
+                           f"grid {geometry.describe()}")
+    if np.isnan(data).any():
+        raise DatasetError(f"{case.channels[0]}: contains NaN values")
+    if np.isnan(label).any() or not np.array_equal(label, np.round(label)) or label.min() < 0:
+        raise DatasetError(f"{case.label}: label values must be non-negative integers")
+    present = tuple(int(v) for v in np.unique(label.astype(np.int64)) if v != 0)
+    undeclared = sorted(set(present) - set(dataset.label_values))
+    if undeclared:
+        raise DatasetError(f"{case.label}: label value(s) {undeclared} are not declared in {DATASET_JSON} "
+                           f"(declared: {list(dataset.label_values)})")
+    perm = axial_permutation(geometry.array_axis_world())
+    return CaseCheck(case.name, tuple(data.shape[1:]), tuple(float(geometry.spacing[p]) for p in perm), present)  # type: ignore[arg-type]
+
+
+def median_spacing(checks: Sequence[CaseCheck]) -> tuple[float, float, float]:
+    return tuple(float(v) for v in np.median(np.array([c.spacing for c in checks]), axis=0))  # type: ignore[return-value]

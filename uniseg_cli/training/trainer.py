@@ -1,0 +1,483 @@
+"""``uniseg train``: the published multi-task recipe (DESIGN.md §5) on a pre-processed folder.
+
+One batch is one task; each epoch gives every task the same number of batches. SGD with Nesterov
+momentum 0.99, weight decay 3e-5, poly learning rate (power 0.9, per epoch), gradient norm clipped at
+12, fp16 autocast with a gradient scaler on CUDA. Validation runs the sliding window of ``predict``
+(no mirroring) over each task's held-out cases and logs the Dice of every class.
+
+The output folder is a model folder (``config.json`` + ``model.safetensors``, the final weights) with
+``best/`` (the weights of the best validation), ``training_state.pt`` (everything ``--resume``
+needs, saved atomically after every epoch, tensors only: it loads with ``weights_only=True``),
+``training_log.jsonl``, ``training_curves.png`` and ``splits.json``.
+
+Under ``torchrun`` it trains with DistributedDataParallel: every rank draws different batches of
+the same epoch plan, rank 0 alone validates, logs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from uniseg_cli.atomic import atomic_directory, atomic_file
+from uniseg_cli.config import UniSegConfig, small_config
+from uniseg_cli.devices import pick_device
+from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.model.files import write_model_files
+from uniseg_cli.model.network import UniSeg
+from uniseg_cli.preprocessed import TaskData, read_plan
+from uniseg_cli.progress import counting_bar
+from uniseg_cli.sliding_window import WindowOptions, sliding_window
+from uniseg_cli.training.augment import augment_batch
+from uniseg_cli.training.loss import deep_supervision_loss
+from uniseg_cli.training.sampling import EpochSampler, PatchBatches, SpatialOptions
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "training_state.pt"
+LOG_NAME = "training_log.jsonl"
+PLOT_NAME = "training_curves.png"
+SPLITS_NAME = "splits.json"
+BEST_FOLDER = "best"
+PRESETS = ("published", "small")
+GRADIENT_CLIP = 12.0
+MOMENTUM = 0.99
+WEIGHT_DECAY = 3e-5
+SPLIT_SEED = 12345
+
+
+@dataclass
+class TrainOptions:
+    """The run's options; defaults are the published recipe (1000 epochs × 50 batches per task)."""
+
+    epochs: int = 1000
+    batches_per_task: int = 50
+    batch_size: int = 2
+    learning_rate: float = 1e-2
+    fold: str = "0"
+    folds: int = 5
+    split_file: Path | None = None
+    val_every: int = 50
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    resume: bool = False
+    augment: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    epochs: int
+    final_loss: float
+    best_dice: float | None
+    best_epoch: int | None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def training_config(tasks: Sequence[TaskData], preset: str = "published", *, patch_size: Sequence[int] | None = None,
+                    base_features: int | None = None, max_features: int | None = None) -> UniSegConfig:
+    """The network for these tasks: the preset's architecture, as many outputs and input convolutions
+    as the tasks need."""
+    if preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    base = UniSegConfig() if preset == "published" else small_config()
+    changes: dict[str, Any] = {
+        "tasks": tuple(t.task for t in tasks),
+        "num_classes": max(t.task.num_classes for t in tasks),
+        "input_channels": tuple(sorted({len(t.task.channels) for t in tasks})),
+        "source": "trained with `uniseg train` on " + "; ".join(f"{t.task.key}: {t.dataset} ({len(t.cases)} cases)"
+                                                          for t in tasks),
+    }
+    if patch_size is not None:
+        changes["patch_size"] = tuple(int(p) for p in patch_size)
+    if base_features is not None:
+        changes["base_features"] = base_features
+    if max_features is not None:
+        changes["max_features"] = max_features
+    return base.with_changes(**changes)
+
+
+# ------------------------------------------------------------------------------------- splits
+def make_splits(tasks: Sequence[TaskData], folds: int) -> dict[str, list[dict[str, list[str]]]]:
+    """nnU-Net's split: per task, cases shuffled with seed 12345 and cut into ``folds`` parts (fewer
+    parts when a task has fewer cases; a task with one case has no validation)."""
+    splits = {}
+    for data in tasks:
+        names = sorted(data.cases)
+        parts = min(folds, len(names))
+        if parts < 2:
+            splits[data.task.key] = [{"train": names, "val": []}]
+            continue
+        order = np.random.RandomState(SPLIT_SEED).permutation(len(names))
+        chunks = np.array_split(order, parts)
+        splits[data.task.key] = [{"train": sorted(names[i] for i in order if i not in set(chunk)),
+                                  "val": sorted(names[i] for i in chunk)} for chunk in chunks]
+    return splits
+
+
+def read_splits(path: Path, tasks: Sequence[TaskData]) -> dict[str, list[dict[str, list[str]]]]:
+    """A split file: ``{task: [{train, val}, …]}``, or nnU-Net's ``splits_final.json`` list for one task."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: unreadable split file ({exc})") from None
+    if isinstance(raw, list):
+        if len(tasks) != 1:
+            raise UsageError(f"{path}: a list of folds fits one task; with several tasks use {{task: [folds]}}")
+        raw = {tasks[0].task.key: raw}
+    for data in tasks:
+        folds = raw.get(data.task.key) if isinstance(raw, dict) else None
+        if not isinstance(folds, list) or not folds:
+            raise UsageError(f"{path}: no folds for task {data.task.key!r}")
+        for fold in folds:
+            if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or not isinstance(fold.get("val", []), list):
+                raise UsageError(f"{path}: task {data.task.key!r}: every fold needs train (and val) lists of case names")
+            unknown = (set(fold["train"]) | set(fold.get("val", []))) - set(data.cases)
+            if unknown:
+                raise UsageError(f"{path}: task {data.task.key!r} names unknown case(s) {sorted(unknown)[:3]}")
+    return raw
+
+
+def select_fold(splits: dict[str, list[dict[str, list[str]]]], tasks: Sequence[TaskData],
+                fold: str) -> list[tuple[list[str], list[str]]]:
+    """(train, validation) cases per task for ``fold`` (a number, or ``all``: train on everything)."""
+    chosen = []
+    for data in tasks:
+        if fold == "all":
+            chosen.append((sorted(data.cases), []))
+            continue
+        folds = splits[data.task.key]
+        entry = folds[int(fold) % len(folds)]
+        chosen.append((list(entry["train"]), list(entry["val"])))
+        if not entry["train"]:
+            raise UsageError(f"task {data.task.key!r}: fold {fold} leaves no training cases")
+    return chosen
+
+
+# -------------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _distributed_from_env() -> Distributed:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    return Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ------------------------------------------------------------------------------------- training
+def poly_lr(initial: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
+    return initial * (1 - epoch / epochs) ** exponent
+
+
+def train(data_folder: str | Path, output: str | Path, *, config: UniSegConfig | None = None,
+          options: TrainOptions = TrainOptions(), preset: str = "published",
+          on_epoch_end: Callable[[int], None] | None = None) -> TrainResult:
+    """Train on a pre-processed folder into ``output``; see the module docstring for what is written."""
+    output = Path(output)
+    tasks = read_plan(data_folder)
+    dist_info = _distributed_from_env()
+    device = _training_device(options.device, dist_info)
+    state_path = output / STATE_NAME
+    if options.resume and not state_path.exists():
+        raise UsageError(f"{output}: nothing to resume ({STATE_NAME} is missing)")
+    if not options.resume and state_path.exists():
+        raise UsageError(f"{output}: holds a training run; continue it with --resume or choose another folder")
+    if options.epochs < 1 or options.batches_per_task < 1 or options.batch_size < 1:
+        raise UsageError("--epochs, --batches-per-task and --batch-size must be at least 1")
+
+    state = _load_state(state_path, device) if options.resume else None
+    if state is not None:
+        config = UniSegConfig.from_dict(json.loads(state["config"]))
+    config = config or training_config(tasks, preset)
+    if [t.key for t in config.tasks] != [t.task.key for t in tasks]:
+        raise UsageError(f"the model's tasks ({', '.join(t.key for t in config.tasks)}) are not the "
+                         f"pre-processed ones ({', '.join(t.task.key for t in tasks)})")
+
+    if dist_info.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _run(tasks, output, config, options, device, dist_info, state, on_epoch_end)
+    finally:
+        if dist_info.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _training_device(spec: str, dist_info: Distributed) -> torch.device:
+    device = pick_device(spec)
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: TrainOptions, device: torch.device,
+         dist_info: Distributed, state: dict[str, Any] | None,
+         on_epoch_end: Callable[[int], None] | None) -> TrainResult:
+    splits = read_splits(options.split_file, tasks) if options.split_file else make_splits(tasks, options.folds)
+    chosen = select_fold(splits, tasks, options.fold)
+    torch.manual_seed(options.seed)
+    model = UniSeg(config).to(device)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=options.learning_rate, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY, nesterov=True)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    start_epoch, best, best_epoch = 0, None, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, best_epoch = int(state["epoch"]), state["best_dice"], state["best_epoch"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        log.info("resuming %s after epoch %d of %d", output, start_epoch, options.epochs)
+    if start_epoch >= options.epochs:
+        raise UsageError(f"{output}: already trained {start_epoch} epochs; raise --epochs to train more")
+    network: torch.nn.Module = model
+    if dist_info.world > 1:
+        # each batch uses one input convolution and one task's prompt slice: the others get no gradient
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    if dist_info.main:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_json(output / SPLITS_NAME, splits)
+        _write_text(output / "config.json", config.to_json())
+    records = _read_log(output / LOG_NAME, before=start_epoch) if state is not None else []
+    if dist_info.main:
+        _write_text(output / LOG_NAME, "".join(json.dumps(r) + "\n" for r in records))
+
+    sampler = EpochSampler(len(tasks), options.batches_per_task, options.seed, dist_info.rank, dist_info.world)
+    batches = PatchBatches(tasks, [train for train, _ in chosen], config.patch_size, options.batch_size,
+                           options.seed, SpatialOptions() if options.augment else None)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler, num_workers=options.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=options.workers > 0)
+    has_validation = any(val for _, val in chosen)
+    log.info("training %d task(s) on %s%s: %d epochs × %d batches (%d per task) of %d patch(es) %s, fold %s, "
+             "validation %s", len(tasks), device, f" × {dist_info.world} ranks" if dist_info.world > 1 else "",
+             options.epochs, len(sampler) * dist_info.world, options.batches_per_task, options.batch_size,
+             "×".join(map(str, config.patch_size)), options.fold,
+             ", ".join(f"{t.task.key} {len(v)}" for t, (_, v) in zip(tasks, chosen)) if has_validation else "none")
+
+    loss = math.nan
+    for epoch in range(start_epoch, options.epochs):
+        started = time.perf_counter()
+        lr = poly_lr(options.learning_rate, epoch, options.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        losses = []
+        with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(sampler),
+                          enabled=options.progress and dist_info.main) as advance:
+            for batch in loader:
+                losses.append(_step(network, optimizer, scaler, batch, tasks, config, device, options.augment, amp))
+                advance(1)
+        loss = _mean_over_ranks(float(np.mean(losses)), device, dist_info)
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
+                                  "seconds": round(time.perf_counter() - started, 3)}
+        validate = has_validation and ((epoch + 1) % options.val_every == 0 or epoch + 1 == options.epochs)
+        if validate and dist_info.main:
+            dice = validation_dice(model, tasks, [val for _, val in chosen], device)
+            record["dice"] = dice
+            scores = [d for per_task in dice.values() for d in per_task.values() if d is not None]
+            record["mean_dice"] = round(float(np.mean(scores)), 6) if scores else None
+            if record["mean_dice"] is not None and (best is None or record["mean_dice"] > best):
+                best, best_epoch = record["mean_dice"], epoch + 1
+                _save_model_folder(model, output / BEST_FOLDER)
+        if dist_info.main:
+            _save_state(output / STATE_NAME, model, optimizer, scaler, config, epoch + 1, best, best_epoch)
+            records.append(record)
+            with open(output / LOG_NAME, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.info("epoch %d/%d: loss %.4f, lr %.5f, %.1f s%s", epoch + 1, options.epochs, loss, lr,
+                     record["seconds"], f", mean Dice {record['mean_dice']:.4f}" if record.get("mean_dice") is not None else "")
+            if validate or epoch + 1 == options.epochs:
+                _plot(records, output / PLOT_NAME)
+        if dist_info.world > 1:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+
+    checksums = _weight_checksums(model, device, dist_info)
+    if dist_info.main:
+        with atomic_file(output / "model.safetensors", suffix=".safetensors") as tmp:
+            _write_weights(model, tmp)
+        if not has_validation:
+            _save_model_folder(model, output / BEST_FOLDER)  # nothing to choose by: the final weights
+        end = {"event": "end", "epochs": options.epochs, "best_dice": best, "best_epoch": best_epoch,
+               "weights_checksum_per_rank": checksums}
+        with open(output / LOG_NAME, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(end) + "\n")
+        log.info("model written to %s (final weights; best validation in %s/)", output, BEST_FOLDER)
+    return TrainResult(output, options.epochs, loss, best, best_epoch, records)
+
+
+def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          batch: dict[str, Any], tasks: list[TaskData], config: UniSegConfig, device: torch.device,
+          augment: bool, amp: bool) -> float:
+    task = tasks[int(batch["task"])].task
+    images, labels = augment_batch(batch, device, config.patch_size, augment=augment)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        outputs = network(images, task.id)
+        loss = deep_supervision_loss(outputs, labels, task.num_classes)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Sequence[str]],
+                    device: torch.device) -> dict[str, dict[str, float | None]]:
+    """Dice per task and class over the held-out cases (voxel counts summed over cases), from the
+    sliding window of ``predict`` without mirroring, at the pre-processed resolution.
+
+    A class absent from both prediction and reference in every case has no Dice (None).
+    """
+    model.eval()
+    try:
+        result = {}
+        for data, names in zip(tasks, cases):
+            task = data.task
+            tp = np.zeros(task.num_classes)
+            fp = np.zeros(task.num_classes)
+            fn = np.zeros(task.num_classes)
+            for name in names:
+                image = torch.from_numpy(np.array(data.image(name))).to(device)
+                precision = "fp16" if device.type == "cuda" else "fp32"
+                probabilities = sliding_window(model, image, [(task.id, task.num_classes)],
+                                               WindowOptions(step=0.5, mirror=False, precision=precision))[0]
+                predicted = probabilities.argmax(0).cpu().numpy()
+                reference = np.asarray(data.labels(name))
+                for c in range(1, task.num_classes):
+                    p, r = predicted == c, reference == c
+                    tp[c] += np.count_nonzero(p & r)
+                    fp[c] += np.count_nonzero(p & ~r)
+                    fn[c] += np.count_nonzero(~p & r)
+            result[task.key] = {
+                label: (round(float(2 * tp[c] / (2 * tp[c] + fp[c] + fn[c])), 6) if tp[c] + fp[c] + fn[c] else None)
+                for c, label in enumerate(task.labels, start=1)
+            }
+        return result
+    finally:
+        model.train()
+
+
+def _mean_over_ranks(value: float, device: torch.device, dist_info: Distributed) -> float:
+    if dist_info.world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist_info.world
+
+
+def _weight_checksums(model: UniSeg, device: torch.device, dist_info: Distributed) -> list[float]:
+    """Sum of every weight, per rank: DDP keeps the ranks identical, and the log shows it."""
+    local = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())],
+                         dtype=torch.float64, device=device)
+    if dist_info.world == 1:
+        return [float(local.item())]
+    gathered = [torch.zeros_like(local) for _ in range(dist_info.world)]
+    dist.all_gather(gathered, local)
+    return [float(t.item()) for t in gathered]
+
+
+# ----------------------------------------------------------------------------------- files
+def _write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _write_weights(model: UniSeg, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _save_model_folder(model: UniSeg, folder: Path) -> None:
+    with atomic_directory(folder, overwrite=True) as tmp:
+        write_model_files(model, tmp)
+
+
+def _save_state(path: Path, model: UniSeg, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                config: UniSegConfig, epoch: int, best: float | None, best_epoch: int | None) -> None:
+    state = {
+        "epoch": epoch, "best_dice": best, "best_epoch": best_epoch, "config": config.to_json(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_file(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state is one message
+        raise UnisegError(f"{path}: cannot read the training state ({exc})") from None
+
+
+def _read_log(path: Path, *, before: int) -> list[dict[str, Any]]:
+    """The epochs a resumed run keeps: those the saved state covers (a killed run may have logged more)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if "epoch" in r and r["epoch"] <= before and "event" not in r]
+
+
+def _plot(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Loss and mean validation Dice per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, loss_axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    epochs = [r["epoch"] for r in records]
+    loss_axis.plot(epochs, [r["loss"] for r in records], color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("loss (CE − Dice)")
+    validated = [r for r in records if r.get("mean_dice") is not None]
+    if validated:
+        dice_axis = loss_axis.twinx()
+        dice_axis.plot([r["epoch"] for r in validated], [r["mean_dice"] for r in validated], "o-",
+                       color="tab:green", label="validation mean Dice")
+        dice_axis.set_ylabel("mean Dice")
+        dice_axis.set_ylim(0, 1)
+    figure.legend(loc="upper right")
+    figure.tight_layout()
+    with atomic_file(path, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+
+
+__all__ = ["TrainOptions", "TrainResult", "train", "training_config", "make_splits", "validation_dice"]
