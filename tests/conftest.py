@@ -92,3 +92,42 @@ def small_model_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     return save_model(UniSeg(small_config()), tmp_path_factory.mktemp("models") / "small")
+
+
+def write_kidney_dataset(root: Path, *, slabs=((0, 60), (26, 86), (52, 112))) -> Path:
+    """An nnU-Net v2 dataset made from the real CT: axial slabs of it as cases, both kidneys as label 1."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    ct = nib.load(CT)
+    seg = np.asarray(nib.load(DATA / "example_seg_fast_force_split.nii.gz").dataobj)
+    image = np.asarray(ct.dataobj)
+    labels = np.isin(seg, (2, 3)).astype(np.uint8)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i, (low, high) in enumerate(slabs):
+        affine = ct.affine.copy()
+        affine[:3, 3] = ct.affine[:3, :3] @ [0, 0, low] + ct.affine[:3, 3]
+        nib.save(nib.Nifti1Image(image[:, :, low:high].astype(np.int16), affine), root / f"imagesTr/ct{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(labels[:, :, low:high], affine), root / f"labelsTr/ct{i}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": 1},
+        "numTraining": len(slabs), "file_ending": ".nii.gz"}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def kidney_dataset(tmp_path_factory) -> Path:
+    return write_kidney_dataset(tmp_path_factory.mktemp("raw") / "Dataset001_KidneySlabs")
+
+
+@pytest.fixture(scope="session")
+def kidney_prep(kidney_dataset, tmp_path_factory) -> Path:
+    """The kidney dataset pre-processed as a new task ``kidney_slabs`` at its own 3 mm spacing."""
+    from uniseg_cli.preprocessed import preprocess_datasets
+
+    out = tmp_path_factory.mktemp("prep") / "prep"
+    preprocess_datasets([f"kidney_slabs={kidney_dataset}"], out, workers=1, progress=False)
+    return out

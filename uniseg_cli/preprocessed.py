@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,12 @@ def read_plan(folder: str | Path) -> list[TaskData]:
 
 # ---------------------------------------------------------------------------------- preprocess
 def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequence[Task] = UPSTREAM_TASKS,
-                        workers: int | None = None, progress: bool = True) -> list[TaskData]:
-    """Check every dataset, then pre-process every case not done yet; returns the tasks written."""
+                        workers: int | None = None, progress: bool = True,
+                        target_spacing: tuple[float, float, float] | None = None) -> list[TaskData]:
+    """Check every dataset, then pre-process every case not done yet; returns the tasks written.
+
+    ``target_spacing`` (z, y, x mm) replaces every task's spacing, e.g. to train a coarse, fast model.
+    """
     output = Path(output)
     if not specs:
         raise UsageError("give at least one --dataset [TASK=]FOLDER")
@@ -127,6 +132,10 @@ def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequ
 
     tasks = renumber([attach_task(key, dataset, known, median_spacing(c))
                       for (key, dataset), c in zip(datasets, checks)])
+    if target_spacing is not None:
+        if len(target_spacing) != 3 or min(target_spacing) <= 0:
+            raise UsageError(f"target spacing must be three positive numbers (z, y, x mm), got {target_spacing}")
+        tasks = tuple(replace(t, target_spacing=tuple(float(s) for s in target_spacing)) for t in tasks)
     for task, (_, dataset) in zip(tasks, datasets):
         log.info("task %s: %d case(s) from %s (%s), %d channel(s), labels %s, target spacing %s mm", task.key,
                  len(dataset.cases), dataset.root, dataset.format, len(task.channels),
@@ -183,7 +192,8 @@ def _map(function: Any, jobs: list[tuple[Any, ...]], workers: int, what: str, pr
                 results.append(function(*job))
                 advance(1)
             return results
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        # spawn: workers start clean instead of inheriting a forked copy of a threaded parent (torch, OpenMP)
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(function, *job) for job in jobs]
             results = []
             for future in futures:

@@ -13,6 +13,7 @@ def preprocess(
     datasets: list[str] = typer.Option(..., "--dataset", "-d", metavar="[TASK=]FOLDER", help="A raw dataset (nnU-Net v2 or MSD folder with dataset.json). TASK is a known task (kidney, brain_tumor, … : its channels, spacing and classes) or the name of a new task made from the dataset (its labels, channels and median spacing); default: named after the folder. Repeat for several tasks."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write (plan.json, one sub-folder per task). Rerunning with the same datasets resumes."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Take the known tasks from this model's config (default: the 11 published tasks)."),
+    target_spacing: Optional[str] = typer.Option(None, "--target-spacing", metavar="Z,Y,X", help="Resample every task to this spacing in mm instead of its own (known task) or the dataset's median (new task)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Cases processed in parallel (default: the number of CPU cores)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
 ) -> None:
@@ -39,6 +40,17 @@ def preprocess(
         from uniseg_cli.hub import CONFIG_NAME, resolve_model
 
         known = UniSegConfig.from_json_file(resolve_model(model).path / CONFIG_NAME).tasks
-    tasks = preprocess_datasets(datasets, output, known=known, workers=workers, progress=not quiet)
+    spacing = None
+    if target_spacing is not None:
+        from uniseg_cli.errors import UsageError
+
+        try:
+            spacing = tuple(float(v) for v in target_spacing.split(","))
+        except ValueError:
+            spacing = ()
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise UsageError(f"--target-spacing must be three positive numbers Z,Y,X in mm, got {target_spacing!r}")
+    tasks = preprocess_datasets(datasets, output, known=known, workers=workers, progress=not quiet,
+                                target_spacing=spacing)
     for data in tasks:
         logging.getLogger("uniseg_cli").info("%s: %d case(s) in %s", data.task.key, len(data.cases), data.folder)

@@ -1,0 +1,114 @@
+"""Build the bundled demo model from the real scans in ../shared/data with `uniseg preprocess` and `uniseg train`.
+
+    python tools/build_demo_model.py WORK_FOLDER [--epochs 16] [--shared ../shared/data]
+
+1. Writes nnU-Net v2 datasets into WORK_FOLDER/raw/ from the Apache-2.0 scans only:
+   - CT tasks liver, kidney, spleen, pancreas, vertebrae: TotalSegmentator's example CT (training) and
+     its DICOM example CT, converted to NIfTI with its label map resampled onto the DICOM grid (held
+     out; it has no kidney). TotalSegmentator ids: spleen 1, kidneys 2+3, liver 5, pancreas 7,
+     vertebrae 26-50.
+   - brain_tumor (T1, T1ce, T2, FLAIR): the two BrainLesion/TCGA cases with the fused BraTS-algorithm
+     map; TCGA-FG-6692 (all three classes) trains, TCGA-DU-7294 is held out.
+2. `uniseg preprocess` at 3 mm isotropic (so that a whole CT is a few dozen tiles of the small network).
+3. `uniseg train --preset small` with an explicit split, on the CPU.
+The model folder is WORK_FOLDER/model; `best/` holds the best validation weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+CT_TASKS = {"liver": [5], "kidney": [2, 3], "spleen": [1], "pancreas": [7], "vertebrae": list(range(26, 51))}
+BRAIN_LABELS = {"background": 0, "edema": 2, "non-enhancing tumour": 1, "enhancing tumour": 4}
+BRAIN_TRAIN, BRAIN_VAL = "TCGA-FG-6692", "TCGA-DU-7294"
+
+
+def _write(image: sitk.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def ct_cases(shared: Path) -> dict[str, tuple[sitk.Image, sitk.Image]]:
+    folder = shared / "ct_abdomen_totalseg"
+    ct = sitk.ReadImage(str(folder / "example_ct.nii.gz"), sitk.sitkInt16)
+    seg = sitk.ReadImage(str(folder / "example_seg_fast_force_split.nii.gz"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder / "example_ct_dicom")))
+    dicom = sitk.Cast(reader.Execute(), sitk.sitkInt16)
+    dicom_seg = sitk.Resample(sitk.ReadImage(str(folder / "example_seg_dicom.nii.gz")), dicom,
+                              sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return {"totalseg_ct": (ct, seg), "totalseg_dicom_ct": (dicom, dicom_seg)}
+
+
+def write_ct_dataset(root: Path, task: str, values: list[int], cases: dict[str, tuple[sitk.Image, sitk.Image]]) -> list[str]:
+    names = []
+    for name, (image, seg) in cases.items():
+        array = sitk.GetArrayFromImage(seg)
+        binary = np.isin(array, values).astype(np.uint8)
+        if not binary.any():
+            continue
+        labels = sitk.GetImageFromArray(binary)
+        labels.CopyInformation(image)
+        _write(image, root / "imagesTr" / f"{name}_0000.nii.gz")
+        _write(labels, root / "labelsTr" / f"{name}.nii.gz")
+        names.append(name)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, task: 1},
+        "numTraining": len(names), "file_ending": ".nii.gz"}, indent=2))
+    return names
+
+
+def write_brain_dataset(root: Path, shared: Path) -> list[str]:
+    folders = {"TCGA-FG-6692": shared / "brain_tcga_4ch/OtherEXampleFromTCIA/OtherEXampleFromTCIA_brainles",
+               "TCGA-DU-7294": shared / "brain_tcga_4ch/TCGA-DU-7294/TCGA-DU-7294_brainles"}
+    for name, folder in folders.items():
+        prefix = folder.name.removesuffix("_brainles")
+        for channel, suffix in enumerate(("t1", "t1c", "t2", "fla")):
+            _write(sitk.ReadImage(str(folder / "raw_bet" / f"{prefix}_{suffix}_bet.nii.gz")),
+                   root / "imagesTr" / f"{name}_{channel:04d}.nii.gz")
+        _write(sitk.ReadImage(str(folder / "fusion" / "mav.nii.gz"), sitk.sitkUInt8), root / "labelsTr" / f"{name}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}, "labels": BRAIN_LABELS,
+        "numTraining": 2, "file_ending": ".nii.gz"}, indent=2))
+    return list(folders)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--batches-per-task", type=int, default=50)
+    args = parser.parse_args()
+    raw = args.work / "raw"
+    cases = ct_cases(args.shared)
+    splits: dict[str, list[dict[str, list[str]]]] = {}
+    specs = []
+    for task, values in CT_TASKS.items():
+        names = write_ct_dataset(raw / f"Dataset_{task}", task, values, cases)
+        splits[task] = [{"train": ["totalseg_ct"], "val": [n for n in names if n != "totalseg_ct"]}]
+        specs += ["-d", f"{task}={raw / f'Dataset_{task}'}"]
+    write_brain_dataset(raw / "Dataset_brain_tumor", args.shared)
+    splits["brain_tumor"] = [{"train": [BRAIN_TRAIN], "val": [BRAIN_VAL]}]
+    specs += ["-d", f"brain_tumor={raw / 'Dataset_brain_tumor'}"]
+    split_file = args.work / "splits.json"
+    split_file.write_text(json.dumps(splits, indent=2))
+    uniseg = [sys.executable, "-m", "uniseg_cli"]
+    subprocess.run([*uniseg, "preprocess", *specs, "-o", str(args.work / "preprocessed"), "--target-spacing", "3,3,3"],
+                   check=True)
+    subprocess.run([*uniseg, "train", str(args.work / "preprocessed"), "-o", str(args.work / "model"),
+                    "--preset", "small", "--epochs", str(args.epochs), "--batches-per-task", str(args.batches_per_task),
+                    "--val-every", "2", "--split-file", str(split_file), "--device", "cpu", "--workers", "1",
+                    *(["--resume"] if (args.work / "model" / "training_state.pt").exists() else [])], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
