@@ -18,13 +18,17 @@ def _umask() -> int:
     return mask
 
 
-def publish(tmp: str | Path, dest: str | Path, *, folder: bool = False) -> None:
-    """Give a finished temporary file or folder the usual permissions and move it into place.
+def usual_permissions(path: str | Path, *, folder: bool = False) -> None:
+    """The permissions any file the user writes gets (0666/0777 less the umask).
 
-    ``mkstemp``/``mkdtemp`` create private (0600/0700) entries; outputs should look like any other
-    file the user writes.
+    ``mkstemp``/``mkdtemp`` (and safetensors' writer) create private (0600/0700) entries.
     """
-    os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def publish(tmp: str | Path, dest: str | Path, *, folder: bool = False) -> None:
+    """Give a finished temporary file or folder the usual permissions and move it into place."""
+    usual_permissions(tmp, folder=folder)
     os.replace(tmp, dest)
 
 

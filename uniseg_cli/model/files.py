@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from uniseg_cli.atomic import atomic_directory
+from uniseg_cli.atomic import atomic_directory, usual_permissions
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import ConfigError, ModelFileError
 from uniseg_cli.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
@@ -27,11 +27,17 @@ def save_model(model: UniSeg, folder: str | Path, *, overwrite: bool = False) ->
     return folder
 
 
-def write_model_files(model: UniSeg, folder: Path) -> None:
+def write_model_files(model: UniSeg, folder: Path, *, dtype: torch.dtype = torch.float32) -> None:
     """Write the two files into an existing (temporary) folder; callers make it atomic."""
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     (folder / CONFIG_NAME).write_text(model.config.to_json(), encoding="utf-8")
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_weights(model, folder / WEIGHTS_NAME, dtype=dtype)
+
+
+def write_weights(model: UniSeg, path: Path, *, dtype: torch.dtype = torch.float32) -> None:
+    """``model.safetensors`` in ``dtype`` (float32, or float16 for a half-size copy); readers get float32."""
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    usual_permissions(path)
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UniSeg:

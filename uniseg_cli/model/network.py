@@ -134,9 +134,14 @@ class UniSeg(nn.Module):
         """
         if not 0 <= task < self.config.num_tasks:
             raise InputShapeError(f"task index {task} is out of range: the model has {self.config.num_tasks} tasks")
+        maps = self.task_maps(features[-1]) if task_maps is None else task_maps
+        return self.decode_with_map(features, maps[:, task:task + 1])
+
+    def decode_with_map(self, features: list[torch.Tensor], task_map: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The decoder given the task's own prompt map ``(B, 1, …)``; exported graphs pick it with a
+        tensor index, so that one graph serves every task."""
         *skips, x = features
-        maps = self.task_maps(x) if task_maps is None else task_maps
-        x = torch.cat([x, maps[:, task:task + 1]], dim=1)
+        x = torch.cat([x, task_map], dim=1)
         outputs = []
         for u, (up, local, head) in enumerate(zip(self.tu, self.conv_blocks_localization, self.seg_outputs)):
             x = local(torch.cat([up(x), skips[-(u + 1)]], dim=1))

@@ -34,7 +34,7 @@ from uniseg_cli.atomic import atomic_directory, atomic_file
 from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.model.files import write_model_files
+from uniseg_cli.model.files import write_model_files, write_weights
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.preprocessed import TaskData, read_plan
 from uniseg_cli.progress import counting_bar
@@ -322,7 +322,7 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
     checksums = _weight_checksums(model, device, dist_info)
     if dist_info.main:
         with atomic_file(output / "model.safetensors", suffix=".safetensors") as tmp:
-            _write_weights(model, tmp)
+            write_weights(model, tmp)
         if not has_validation:
             _save_model_folder(model, output / BEST_FOLDER)  # nothing to choose by: the final weights
         end = {"event": "end", "epochs": options.epochs, "best_dice": best, "best_epoch": best_epoch,
@@ -414,13 +414,6 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     _write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _write_weights(model: UniSeg, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
 
 
 def _save_model_folder(model: UniSeg, folder: Path) -> None:
