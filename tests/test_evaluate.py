@@ -1,0 +1,118 @@
+"""`uniseg evaluate`: metric values on hand-built cases, the empty-mask convention, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from uniseg_cli.evaluation import score_label, surface
+
+
+def _brute_force(p: np.ndarray, r: np.ndarray, spacing, tolerance: float) -> tuple[float, float]:
+    """HD95 and NSD from all pairwise distances between the two surfaces' voxel centres."""
+    a = np.argwhere(surface(p)) * np.asarray(spacing)
+    b = np.argwhere(surface(r)) * np.asarray(spacing)
+    d = cdist(a, b)
+    a_to_b, b_to_a = d.min(1), d.min(0)
+    hd95 = max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95))
+    nsd = ((a_to_b <= tolerance).sum() + (b_to_a <= tolerance).sum()) / (len(a_to_b) + len(b_to_a))
+    return hd95, nsd
+
+
+def _cube(shape, low, size):
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice(l, l + s) for l, s in zip(low, size))] = True
+    return mask
+
+
+def _sphere(shape, centre, radius, spacing=(1, 1, 1)):
+    grid = np.indices(shape).astype(float)
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius ** 2
+
+
+def test_identical_masks():
+    mask = _sphere((20, 20, 20), (10, 10, 10), 6)
+    score = score_label(mask, mask, (1, 1, 1), 1.0)
+    assert (score.dice, score.hd95, score.nsd) == (1.0, 0.0, 1.0)
+
+
+def test_two_single_voxels_in_anisotropic_space():
+    p, r = np.zeros((8, 4, 4), bool), np.zeros((8, 4, 4), bool)
+    p[0, 1, 1] = r[5, 1, 1] = True
+    score = score_label(p, r, (2.0, 1.0, 1.0), 1.0)
+    assert score.dice == 0.0 and score.hd95 == pytest.approx(10.0) and score.nsd == 0.0
+    assert score_label(p, r, (2.0, 1.0, 1.0), 10.0).nsd == 1.0
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 0.8, 0.8)])
+def test_shifted_cubes(spacing):
+    shape = (24, 24, 24)
+    p = _cube(shape, (6, 6, 6), (10, 10, 10))
+    r = _cube(shape, (8, 6, 6), (10, 10, 10))          # shifted by 2 voxels along z
+    score = score_label(p, r, spacing, 2.0)
+    assert score.dice == pytest.approx(0.8)              # overlap 8 of 10 slices
+    hd95, nsd = _brute_force(p, r, spacing, 2.0)
+    assert score.hd95 == pytest.approx(hd95) and score.nsd == pytest.approx(nsd)
+    assert score.hd95 <= 2 * spacing[0] + 1e-9           # no surface point is farther than the shift
+
+
+def test_concentric_spheres():
+    p = _sphere((40, 40, 40), (20, 20, 20), 8)
+    r = _sphere((40, 40, 40), (20, 20, 20), 11)
+    score = score_label(p, r, (1, 1, 1), 1.0)
+    assert score.dice == pytest.approx(2 * p.sum() / (p.sum() + r.sum()))
+    assert 2.0 <= score.hd95 <= 4.0                      # radii differ by 3 mm, up to a voxel of discretisation
+    hd95, nsd = _brute_force(p, r, (1, 1, 1), 1.0)
+    assert score.hd95 == pytest.approx(hd95) and score.nsd == pytest.approx(nsd) and nsd < 0.2
+
+
+def test_empty_mask_convention():
+    empty, full = np.zeros((5, 5, 5), bool), _cube((5, 5, 5), (1, 1, 1), (2, 2, 2))
+    both = score_label(empty, empty, (1, 1, 1), 1.0)
+    assert (both.dice, both.hd95, both.nsd) == (1.0, 0.0, 1.0)
+    for p, r in ((empty, full), (full, empty)):
+        one = score_label(p, r, (1, 1, 1), 1.0)
+        assert (one.dice, one.hd95, one.nsd) == (0.0, None, 0.0)
+
+
+def _save(path, array, spacing=(1.0, 1.0, 1.0)):
+    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag([*spacing, 1.0])), path)
+
+
+def test_cli_folders_json_csv_and_mismatched_grid(run_cli, tmp_path):
+    shape = (24, 24, 24)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "ref").mkdir()
+    ref1 = _cube(shape, (6, 6, 6), (10, 10, 10)).astype(np.uint8)
+    ref1[15:18, 15:18, 15:18] = 2
+    pred1 = ref1.copy()
+    pred1[ref1 == 2] = 0                                   # label 2 missed entirely
+    ref2 = _cube(shape, (4, 4, 4), (8, 8, 8)).astype(np.uint8)
+    _save(tmp_path / "ref/case1.nii.gz", ref1)
+    _save(tmp_path / "ref/case2.nii.gz", ref2)
+    _save(tmp_path / "pred/case1_kidney.nii.gz", pred1)   # uniseg predict's naming
+    _save(tmp_path / "pred/case2.nii.gz", ref2)
+    code, out, err = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref", "--json", "--csv", tmp_path / "m.csv")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [c["case"] for c in result["cases"]] == ["case1", "case2"]
+    case1 = result["cases"][0]["labels"]
+    assert case1["2"] == {"dice": 0.0, "hd95": None, "nsd": 0.0, "reference_voxels": 27, "predicted_voxels": 0}
+    assert result["summary"]["1"]["dice"] == {"mean": 1.0, "std": 0.0, "n": 2}
+    assert result["summary"]["2"]["hd95"] == {"mean": None, "std": None, "n": 0}
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert rows[0].startswith("case,label,dice,hd95_mm,nsd") and any(r.startswith("mean,1,1.0") for r in rows)
+
+    code, out, _ = run_cli("evaluate", tmp_path / "pred/case2.nii.gz", tmp_path / "ref/case2.nii.gz")
+    assert code == 0 and "1 case(s)" in out
+
+    _save(tmp_path / "pred/case2.nii.gz", ref2, spacing=(2.0, 1.0, 1.0))
+    code, _, err = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref")
+    assert code == 1 and "case2.nii.gz: grid" in err and "does not match the reference" in err
+    (tmp_path / "pred/case2.nii.gz").unlink()
+    code, _, err = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref")
+    assert code == 2 and "no prediction for case 'case2'" in err

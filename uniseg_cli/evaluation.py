@@ -1,0 +1,184 @@
+"""``uniseg evaluate``: Dice, HD95 and normalised surface Dice of label maps, in millimetres.
+
+Distances come from scipy's exact Euclidean distance transform with the images' spacing. A label's
+surface is its voxels that touch a voxel outside it (6-neighbourhood; the image border counts as
+outside). HD95 is the larger of the two directed 95th percentiles of surface-to-surface distance (as
+MONAI computes it); the normalised surface Dice (Nikolov et al. 2021) is the fraction of both surfaces'
+voxels lying within the tolerance of the other surface.
+
+Empty masks (the convention, stated once here and in the README):
+- reference and prediction both empty: Dice 1, NSD 1, HD95 0 (nothing to find, nothing found);
+- exactly one empty: Dice 0, NSD 0, HD95 undefined (``None``; left out of the mean, counted in ``n``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.imageio import IMAGE_ENDINGS, read_image, strip_ending
+
+METRICS = ("dice", "hd95", "nsd")
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: int
+    dice: float
+    hd95: float | None
+    nsd: float
+    reference_voxels: int
+    predicted_voxels: int
+
+
+@dataclass
+class CaseScores:
+    case: str
+    prediction: str
+    reference: str
+    labels: list[LabelScore] = field(default_factory=list)
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a 6-neighbour outside it (or on the image border)."""
+    from scipy import ndimage
+
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+    return mask & ~eroded
+
+
+def _distances_to(target_surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Distance (mm) of every voxel to the nearest voxel of ``target_surface``."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~target_surface, sampling=spacing)
+
+
+def score_label(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float], tolerance: float,
+                label: int = 1) -> LabelScore:
+    """The three metrics of one label (masks of any dtype; non-zero is inside)."""
+    p, r = prediction.astype(bool), reference.astype(bool)
+    np_, nr = int(p.sum()), int(r.sum())
+    if np_ == 0 and nr == 0:
+        return LabelScore(label, 1.0, 0.0, 1.0, 0, 0)
+    if np_ == 0 or nr == 0:
+        return LabelScore(label, 0.0, None, 0.0, nr, np_)
+    dice = 2 * int((p & r).sum()) / (np_ + nr)
+    sp, sr = surface(p), surface(r)
+    p_to_r = _distances_to(sr, spacing)[sp]
+    r_to_p = _distances_to(sp, spacing)[sr]
+    hd95 = max(float(np.percentile(p_to_r, 95)), float(np.percentile(r_to_p, 95)))
+    nsd = (int((p_to_r <= tolerance).sum()) + int((r_to_p <= tolerance).sum())) / (p_to_r.size + r_to_p.size)
+    return LabelScore(label, dice, hd95, nsd, nr, np_)
+
+
+def evaluate_case(prediction: Path, reference: Path, *, labels: Sequence[int] | None, tolerance: float) -> CaseScores:
+    """Score one prediction file against its reference on the same grid."""
+    pred, pred_geometry = read_image(prediction)
+    ref, ref_geometry = read_image(reference)
+    if not pred_geometry.same_grid(ref_geometry):
+        raise UnisegError(f"{prediction}: grid {pred_geometry.describe()} does not match the reference {reference} "
+                          f"({ref_geometry.describe()})")
+    pred, ref = pred[0].astype(np.int64), ref[0].astype(np.int64)
+    chosen = list(labels) if labels else sorted((set(np.unique(ref)) | set(np.unique(pred))) - {0})
+    scores = CaseScores(_case_name(reference), str(prediction), str(reference))
+    for label in chosen:
+        scores.labels.append(score_label(pred == label, ref == label, pred_geometry.spacing, tolerance, label))
+    return scores
+
+
+def _case_name(path: Path) -> str:
+    return Path(strip_ending(path)).name
+
+
+def pair_files(prediction: Path, reference: Path) -> list[tuple[Path, Path]]:
+    """File pairs: two files, or two folders matched by case name (a prediction named ``CASE_<task>``
+    also matches ``CASE``, as ``uniseg predict`` names its outputs)."""
+    if prediction.is_file() and reference.is_file():
+        return [(prediction, reference)]
+    if not (prediction.is_dir() and reference.is_dir()):
+        for path in (prediction, reference):
+            if not path.exists():
+                raise UsageError(f"{path}: no such file or folder")
+        raise UsageError(f"{prediction}, {reference}: give two files or two folders")
+    def images(folder: Path) -> dict[str, Path]:
+        return {_case_name(p): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.endswith(IMAGE_ENDINGS)}
+    predictions, references = images(prediction), images(reference)
+    if not references:
+        raise UsageError(f"{reference}: no label maps ({', '.join(IMAGE_ENDINGS)})")
+    pairs = []
+    for case, ref_path in references.items():
+        match = predictions.get(case)
+        if match is None:
+            candidates = [p for name, p in predictions.items() if name.startswith(case + "_")]
+            if len(candidates) > 1:
+                raise UsageError(f"{reference / ref_path.name}: several predictions match case {case!r} "
+                                 f"({', '.join(p.name for p in candidates)})")
+            match = candidates[0] if candidates else None
+        if match is None:
+            raise UsageError(f"{prediction}: no prediction for case {case!r} (expected {case}.nii.gz or {case}_<task>.nii.gz)")
+        pairs.append((match, ref_path))
+    return pairs
+
+
+def summarise(cases: Sequence[CaseScores]) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """Mean, standard deviation and count of each metric per label (undefined values left out)."""
+    labels = sorted({s.label for c in cases for s in c.labels})
+    summary: dict[str, dict[str, dict[str, float | int | None]]] = {}
+    for label in labels:
+        scores = [s for c in cases for s in c.labels if s.label == label]
+        summary[str(label)] = {}
+        for metric in METRICS:
+            values = [getattr(s, metric) for s in scores if getattr(s, metric) is not None]
+            summary[str(label)][metric] = {
+                "mean": float(np.mean(values)) if values else None,
+                "std": float(np.std(values)) if values else None,
+                "n": len(values),
+            }
+    return summary
+
+
+def evaluate(prediction: str | Path, reference: str | Path, *, labels: Sequence[int] | None = None,
+             tolerance: float = 1.0) -> dict[str, Any]:
+    """Every case and the summary, as the JSON ``uniseg evaluate --json`` prints."""
+    if not tolerance > 0:
+        raise UsageError(f"--tolerance must be positive (mm), got {tolerance}")
+    pairs = pair_files(Path(prediction), Path(reference))
+    cases = [evaluate_case(p, r, labels=labels, tolerance=tolerance) for p, r in pairs]
+    return {
+        "tolerance_mm": tolerance,
+        "cases": [{"case": c.case, "prediction": c.prediction, "reference": c.reference,
+                   "labels": {str(s.label): _label_json(s) for s in c.labels}} for c in cases],
+        "summary": summarise(cases),
+    }
+
+
+def _label_json(score: LabelScore) -> dict[str, Any]:
+    return {"dice": _round(score.dice), "hd95": _round(score.hd95), "nsd": _round(score.nsd),
+            "reference_voxels": score.reference_voxels, "predicted_voxels": score.predicted_voxels}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, 6)
+
+
+def to_csv(result: dict[str, Any]) -> str:
+    """One row per case and label, then the per-label mean and std rows (case ``mean``/``std``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "label", "dice", "hd95_mm", "nsd", "reference_voxels", "predicted_voxels"])
+    for case in result["cases"]:
+        for label, s in case["labels"].items():
+            writer.writerow([case["case"], label, s["dice"], s["hd95"], s["nsd"], s["reference_voxels"], s["predicted_voxels"]])
+    for statistic in ("mean", "std"):
+        for label, metrics in result["summary"].items():
+            writer.writerow([statistic, label, *(_round(metrics[m][statistic]) for m in METRICS), "", ""])
+    return buffer.getvalue()
