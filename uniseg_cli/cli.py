@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import typer
 
 from uniseg_cli import __version__
-from uniseg_cli.commands import evaluate, export, predict, preprocess, tasks, train, weights
+from uniseg_cli.commands import evaluate, export, finetune, predict, preprocess, tasks, train, weights
 from uniseg_cli.errors import UnisegError
 
 HELP = """Prompt-driven universal 3D medical image segmentation (UniSeg).
@@ -63,6 +63,7 @@ app.command("predict")(predict.predict)
 app.command("tasks")(tasks.tasks)
 app.command("preprocess")(preprocess.preprocess)
 app.command("train")(train.train)
+app.command("finetune")(finetune.finetune)
 app.command("export")(export.export)
 app.command("evaluate")(evaluate.evaluate)
 app.add_typer(weights.app, name="weights")

@@ -41,6 +41,10 @@ class UniSegConfig:
         ``len(task.labels) + 1`` of them.
     input_channels: channel counts the first convolution accepts, one ``conv_<n>`` each.
     tasks: the prompted tasks, in prompt order.
+    prompted: False for a downstream model fine-tuned without the universal prompt and fusion layer
+        (the paper's transfer protocol): one task, a plain U-Net.
+    fusion_width: hidden width of the fusion layer when it is not the published
+        ``(bottleneck features + tasks) // 4`` (a model grown by a new task keeps its pretrained width).
     license / source: where the weights come from and under which terms; shown by ``uniseg`` and
         carried into model cards.
     """
@@ -54,6 +58,8 @@ class UniSegConfig:
     num_classes: int = 4
     input_channels: tuple[int, ...] = (1, 2, 4)
     tasks: tuple[Task, ...] = field(default=UPSTREAM_TASKS)
+    prompted: bool = True
+    fusion_width: int | None = None
     license: str = ""
     source: str = ""
 
@@ -86,7 +92,9 @@ class UniSegConfig:
 
     @property
     def fusion_features(self) -> int:
-        """Hidden width of the prompt fusion layer: (bottleneck features + tasks) // 4."""
+        """Hidden width of the prompt fusion layer: (bottleneck features + tasks) // 4 unless set."""
+        if self.fusion_width is not None:
+            return self.fusion_width
         return (self.stage_features[-1] + self.num_tasks) // 4
 
     # ------------------------------------------------------------------------------- validation
@@ -122,6 +130,10 @@ class UniSegConfig:
             raise ConfigError(f"input_channels must be distinct positive counts, got {self.input_channels}")
         if not self.tasks:
             raise ConfigError("a model needs at least one task")
+        if not self.prompted and len(self.tasks) != 1:
+            raise ConfigError("a model without the prompt (prompted: false) has exactly one task")
+        if self.fusion_width is not None and self.fusion_width < 1:
+            raise ConfigError(f"fusion_width must be at least 1, got {self.fusion_width}")
         validate_tasks(self.tasks)
         for task in self.tasks:
             if task.num_classes > self.num_classes:
@@ -147,6 +159,8 @@ class UniSegConfig:
                 "convs_per_stage": self.convs_per_stage,
                 "num_classes": self.num_classes,
                 "input_channels": list(self.input_channels),
+                **({} if self.prompted else {"prompted": False}),
+                **({} if self.fusion_width is None else {"fusion_width": self.fusion_width}),
             },
             "tasks": [t.to_dict() for t in self.tasks],
             "license": self.license,
@@ -167,7 +181,7 @@ class UniSegConfig:
         arch = data["architecture"]
         keys = {"patch_size", "base_features", "max_features", "pool_kernels", "conv_kernels",
                 "convs_per_stage", "num_classes", "input_channels"}
-        _check_keys(arch, required=keys, optional=set(), where="config architecture")
+        _check_keys(arch, required=keys, optional={"prompted", "fusion_width"}, where="config architecture")
         where = "config architecture"
         return cls(
             patch_size=_int_tuple(arch["patch_size"], where, "patch_size"),
@@ -179,6 +193,8 @@ class UniSegConfig:
             num_classes=_typed(arch["num_classes"], int, where, "num_classes"),
             input_channels=tuple(_typed(c, int, where, "input_channels") for c in _typed(arch["input_channels"], list, where, "input_channels")),
             tasks=tuple(Task.from_dict(t) for t in _typed(data["tasks"], list, "config", "tasks")),
+            prompted=_typed(arch.get("prompted", True), bool, where, "prompted"),
+            fusion_width=None if arch.get("fusion_width") is None else _typed(arch["fusion_width"], int, where, "fusion_width"),
             license=_typed(data.get("license", ""), str, "config", "license"),
             source=_typed(data.get("source", ""), str, "config", "source"),
         )

@@ -87,11 +87,17 @@ def evaluate_case(prediction: Path, reference: Path, *, labels: Sequence[int] | 
     if not pred_geometry.same_grid(ref_geometry):
         raise UnisegError(f"{prediction}: grid {pred_geometry.describe()} does not match the reference {reference} "
                           f"({ref_geometry.describe()})")
-    pred, ref = pred[0].astype(np.int64), ref[0].astype(np.int64)
-    chosen = list(labels) if labels else sorted((set(np.unique(ref)) | set(np.unique(pred))) - {0})
-    scores = CaseScores(_case_name(reference), str(prediction), str(reference))
+    return score_arrays(_case_name(reference), str(prediction), str(reference), pred[0].astype(np.int64),
+                        ref[0].astype(np.int64), pred_geometry.spacing, labels, tolerance)
+
+
+def score_arrays(case: str, prediction_name: str, reference_name: str, prediction: np.ndarray, reference: np.ndarray,
+                 spacing: Sequence[float], labels: Sequence[int] | None, tolerance: float) -> CaseScores:
+    """Score two label arrays on one grid (``labels`` default: every non-zero value in either)."""
+    chosen = list(labels) if labels else sorted((set(np.unique(reference)) | set(np.unique(prediction))) - {0})
+    scores = CaseScores(case, prediction_name, reference_name)
     for label in chosen:
-        scores.labels.append(score_label(pred == label, ref == label, pred_geometry.spacing, tolerance, label))
+        scores.labels.append(score_label(prediction == label, reference == label, spacing, tolerance, int(label)))
     return scores
 
 
@@ -152,7 +158,10 @@ def evaluate(prediction: str | Path, reference: str | Path, *, labels: Sequence[
     if not tolerance > 0:
         raise UsageError(f"--tolerance must be positive (mm), got {tolerance}")
     pairs = pair_files(Path(prediction), Path(reference))
-    cases = [evaluate_case(p, r, labels=labels, tolerance=tolerance) for p, r in pairs]
+    return report([evaluate_case(p, r, labels=labels, tolerance=tolerance) for p, r in pairs], tolerance)
+
+
+def report(cases: Sequence[CaseScores], tolerance: float) -> dict[str, Any]:
     return {
         "tolerance_mm": tolerance,
         "cases": [{"case": c.case, "prediction": c.prediction, "reference": c.reference,

@@ -60,6 +60,8 @@ class TaskLogits(nn.Module):
     def forward(self, image: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         features = self.model.encode(image)
         maps = self.model.task_maps(features[-1])
+        if maps is None:  # a downstream model: no prompt, one task
+            return self.model.decode_with_map(features, None)  # type: ignore[return-value]
         if self.fixed_task is not None:
             task_map = maps[:, self.fixed_task:self.fixed_task + 1]
         else:
@@ -110,10 +112,12 @@ def export_model(spec: str, fmt: str, output: str | Path | None = None, *, task:
         else:
             for count in counts:
                 name = f"uniseg_{count}ch." + ("pt" if fmt == "torchscript" else "onnx")
-                wrapper = TaskLogits(model, chosen.id if chosen else None).eval()
+                # a model without the prompt has one task and no use for a task input
+                fixed = chosen.id if chosen else (None if config.prompted else 0)
+                wrapper = TaskLogits(model, fixed).eval()
                 (_export_torchscript if fmt == "torchscript" else _export_onnx)(wrapper, tmp / name, count, config.patch_size)
                 report.files.append(name)
-                _check_file(fmt, tmp / name, model, count, _tasks_for(config.tasks, count, chosen), chosen is not None, report)
+                _check_file(fmt, tmp / name, model, count, _tasks_for(config.tasks, count, chosen), fixed is not None, report)
             (tmp / CONFIG_NAME).write_text(config.to_json(), encoding="utf-8")
             report.files.append(CONFIG_NAME)
     return report

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from uniseg_cli.commands._options import parse_triple
+
 
 def preprocess(
     datasets: list[str] = typer.Option(..., "--dataset", "-d", metavar="[TASK=]FOLDER", help="A raw dataset (nnU-Net v2 or MSD folder with dataset.json). TASK is a known task (kidney, brain_tumor, … : its channels, spacing and classes) or the name of a new task made from the dataset (its labels, channels and median spacing); default: named after the folder. Repeat for several tasks."),
@@ -40,16 +42,7 @@ def preprocess(
         from uniseg_cli.hub import CONFIG_NAME, resolve_model
 
         known = UniSegConfig.from_json_file(resolve_model(model).path / CONFIG_NAME).tasks
-    spacing = None
-    if target_spacing is not None:
-        from uniseg_cli.errors import UsageError
-
-        try:
-            spacing = tuple(float(v) for v in target_spacing.split(","))
-        except ValueError:
-            spacing = ()
-        if len(spacing) != 3 or min(spacing) <= 0:
-            raise UsageError(f"--target-spacing must be three positive numbers Z,Y,X in mm, got {target_spacing!r}")
+    spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")
     tasks = preprocess_datasets(datasets, output, known=known, workers=workers, progress=not quiet,
                                 target_spacing=spacing)
     for data in tasks:

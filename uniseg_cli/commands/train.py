@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from uniseg_cli.commands._options import parse_triple
 from uniseg_cli.devices import DEVICE_HELP
 
 
@@ -52,14 +53,7 @@ def train(
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
     if fold != "all" and not fold.isdigit():
         raise UsageError(f"--fold must be a number or 'all', got {fold!r}")
-    patch = None
-    if patch_size is not None:
-        try:
-            patch = [int(p) for p in patch_size.split(",")]
-        except ValueError:
-            patch = []
-        if len(patch) != 3:
-            raise UsageError(f"--patch-size must be three integers Z,Y,X, got {patch_size!r}")
+    patch = parse_triple(patch_size, "--patch-size", int, "integers")
     config = None
     if not resume:
         config = training_config(read_plan(data), preset, patch_size=patch, base_features=base_features,

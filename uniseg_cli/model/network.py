@@ -59,7 +59,7 @@ def build_decoder(config: UniSegConfig) -> tuple[nn.ModuleList, nn.ModuleList, n
     features = config.stage_features
     n = len(config.pool_kernels)
     tu, localization, heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-    from_below = features[-1] + 1
+    from_below = features[-1] + (1 if config.prompted else 0)
     for u in range(n):
         skip = features[n - 1 - u]
         pool = config.pool_kernels[n - 1 - u]
@@ -88,8 +88,9 @@ class UniSeg(nn.Module):
         encoder = build_encoder(config)
         tu, localization, heads = build_decoder(config)
         # Registration order = state-dict order of the published checkpoint.
-        self.intermedia_prompt = nn.Parameter(torch.randn(1, config.num_tasks, *config.prompt_shape))
-        self.fusion_layer = build_fusion(config)
+        if config.prompted:
+            self.intermedia_prompt = nn.Parameter(torch.randn(1, config.num_tasks, *config.prompt_shape))
+            self.fusion_layer = build_fusion(config)
         self.conv_blocks_localization = localization
         self.conv_blocks_context = encoder
         self.tu = tu
@@ -118,11 +119,14 @@ class UniSeg(nn.Module):
             features.append(x)
         return features
 
-    def task_maps(self, bottleneck: torch.Tensor) -> torch.Tensor:
+    def task_maps(self, bottleneck: torch.Tensor) -> torch.Tensor | None:
         """The fusion of bottleneck features and universal prompt: one map per task, (B, T, …).
 
-        It does not depend on the task asked, so several tasks of one input share it.
+        It does not depend on the task asked, so several tasks of one input share it. A model without
+        the prompt (a downstream fine-tune) has none.
         """
+        if not self.config.prompted:
+            return None
         prompt = self.intermedia_prompt.expand(bottleneck.shape[0], -1, -1, -1, -1)
         return self.fusion_layer(torch.cat([bottleneck, prompt], dim=1))
 
@@ -135,13 +139,15 @@ class UniSeg(nn.Module):
         if not 0 <= task < self.config.num_tasks:
             raise InputShapeError(f"task index {task} is out of range: the model has {self.config.num_tasks} tasks")
         maps = self.task_maps(features[-1]) if task_maps is None else task_maps
-        return self.decode_with_map(features, maps[:, task:task + 1])
+        return self.decode_with_map(features, None if maps is None else maps[:, task:task + 1])
 
-    def decode_with_map(self, features: list[torch.Tensor], task_map: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """The decoder given the task's own prompt map ``(B, 1, …)``; exported graphs pick it with a
-        tensor index, so that one graph serves every task."""
+    def decode_with_map(self, features: list[torch.Tensor],
+                        task_map: torch.Tensor | None) -> torch.Tensor | list[torch.Tensor]:
+        """The decoder given the task's own prompt map ``(B, 1, …)`` (None without a prompt); exported
+        graphs pick it with a tensor index, so that one graph serves every task."""
         *skips, x = features
-        x = torch.cat([x, task_map], dim=1)
+        if task_map is not None:
+            x = torch.cat([x, task_map], dim=1)
         outputs = []
         for u, (up, local, head) in enumerate(zip(self.tu, self.conv_blocks_localization, self.seg_outputs)):
             x = local(torch.cat([up(x), skips[-(u + 1)]], dim=1))

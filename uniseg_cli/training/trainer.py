@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class TrainOptions:
     resume: bool = False
     augment: bool = True
     progress: bool = True
+    freeze_encoder_epochs: int = 0
 
 
 @dataclass
@@ -186,6 +187,51 @@ def _distributed_from_env() -> Distributed:
     return Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# ------------------------------------------------------------------------------------ freezing
+@dataclass
+class Trainable:
+    """Which weights train: ``None`` = all; else only the named parameters, each wholly (mask None) or
+    only where its boolean mask is True (the rest is put back after every optimiser step, so neither
+    gradients nor momentum nor weight decay move it)."""
+
+    masks: dict[str, torch.Tensor | None] | None = None
+    _kept: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def apply(self, model: UniSeg) -> Trainable:
+        if self.masks is not None:
+            unknown = set(self.masks) - {n for n, _ in model.named_parameters()}
+            if unknown:
+                raise UnisegError(f"trainable weights name unknown parameters: {sorted(unknown)[:3]}")
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name in self.masks)
+        self.remember(model)
+        return self
+
+    def remember(self, model: UniSeg) -> None:
+        """Keep the frozen parts of partly trainable weights as they are now."""
+        self._kept = []
+        if self.masks is None:
+            return
+        parameters = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            if mask is not None:
+                parameter = parameters[name]
+                mask = mask.to(parameter.device)
+                self._kept.append((parameter, mask, parameter.detach().clone()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for parameter, mask, kept in self._kept:
+            parameter.copy_(torch.where(mask, parameter, kept))
+
+    def freeze_encoder(self, model: UniSeg, frozen: bool) -> None:
+        """``--freeze-encoder``: the encoder's weights get no gradient (so SGD skips them) while frozen."""
+        for name, parameter in model.named_parameters():
+            if name.startswith("conv_blocks_context."):
+                trains = self.masks is None or name in self.masks
+                parameter.requires_grad_(trains and not frozen)
+
+
 # ------------------------------------------------------------------------------------- training
 def poly_lr(initial: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
     return initial * (1 - epoch / epochs) ** exponent
@@ -193,8 +239,13 @@ def poly_lr(initial: float, epoch: int, epochs: int, exponent: float = 0.9) -> f
 
 def train(data_folder: str | Path, output: str | Path, *, config: UniSegConfig | None = None,
           options: TrainOptions = TrainOptions(), preset: str = "published",
+          init_state: dict[str, torch.Tensor] | None = None, trainable: Trainable | None = None,
           on_epoch_end: Callable[[int], None] | None = None) -> TrainResult:
-    """Train on a pre-processed folder into ``output``; see the module docstring for what is written."""
+    """Train on a pre-processed folder into ``output``; see the module docstring for what is written.
+
+    ``init_state`` starts from these weights instead of a random initialisation (fine-tuning);
+    ``trainable`` limits what trains (see ``Trainable``).
+    """
     output = Path(output)
     tasks = read_plan(data_folder)
     dist_info = _distributed_from_env()
@@ -211,17 +262,34 @@ def train(data_folder: str | Path, output: str | Path, *, config: UniSegConfig |
     if state is not None:
         config = UniSegConfig.from_dict(json.loads(state["config"]))
     config = config or training_config(tasks, preset)
-    if [t.key for t in config.tasks] != [t.task.key for t in tasks]:
-        raise UsageError(f"the model's tasks ({', '.join(t.key for t in config.tasks)}) are not the "
-                         f"pre-processed ones ({', '.join(t.task.key for t in tasks)})")
+    tasks = _model_tasks(tasks, config)
+    if options.freeze_encoder_epochs and dist_info.world > 1:
+        raise UsageError("--freeze-encoder is not available under torchrun (DDP cannot change which weights train)")
 
     if dist_info.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _run(tasks, output, config, options, device, dist_info, state, on_epoch_end)
+        return _run(tasks, output, config, options, device, dist_info, state, on_epoch_end, init_state, trainable)
     finally:
         if dist_info.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _model_tasks(tasks: list[TaskData], config: UniSegConfig) -> list[TaskData]:
+    """The pre-processed tasks with the model's numbering; each must be a model task with the same
+    channels and spacing (a fine-tuned model may have more tasks than are trained)."""
+    by_key = {t.key: t for t in config.tasks}
+    matched = []
+    for data in tasks:
+        task = by_key.get(data.task.key)
+        if task is None:
+            raise UsageError(f"the model has no task {data.task.key!r} (its tasks: {', '.join(by_key)})")
+        if task.channels != data.task.channels or task.target_spacing != data.task.target_spacing \
+                or task.labels[:len(data.task.labels)] != data.task.labels:
+            raise UsageError(f"task {task.key!r}: the model's channels, spacing or labels differ from the "
+                             "pre-processed data's; pre-process for this model")
+        matched.append(replace(data, task=task))
+    return matched
 
 
 def _training_device(spec: str, dist_info: Distributed) -> torch.device:
@@ -234,14 +302,18 @@ def _training_device(spec: str, dist_info: Distributed) -> torch.device:
 
 def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: TrainOptions, device: torch.device,
          dist_info: Distributed, state: dict[str, Any] | None,
-         on_epoch_end: Callable[[int], None] | None) -> TrainResult:
+         on_epoch_end: Callable[[int], None] | None, init_state: dict[str, torch.Tensor] | None,
+         trainable: Trainable | None) -> TrainResult:
     splits = read_splits(options.split_file, tasks) if options.split_file else make_splits(tasks, options.folds)
     chosen = select_fold(splits, tasks, options.fold)
     torch.manual_seed(options.seed)
     model = UniSeg(config).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=options.learning_rate, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY, nesterov=True)
+    guard = (trainable or Trainable()).apply(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
+                                momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start_epoch, best, best_epoch = 0, None, None
@@ -251,6 +323,7 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, best_epoch = int(state["epoch"]), state["best_dice"], state["best_epoch"]
         torch.set_rng_state(state["torch_rng"].cpu())
+        guard.remember(model)
         log.info("resuming %s after epoch %d of %d", output, start_epoch, options.epochs)
     if start_epoch >= options.epochs:
         raise UsageError(f"{output}: already trained {start_epoch} epochs; raise --epochs to train more")
@@ -287,15 +360,20 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
         for group in optimizer.param_groups:
             group["lr"] = lr
         sampler.set_epoch(epoch)
+        encoder_frozen = epoch < options.freeze_encoder_epochs
+        guard.freeze_encoder(model, encoder_frozen)
         losses = []
         with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(sampler),
                           enabled=options.progress and dist_info.main) as advance:
             for batch in loader:
                 losses.append(_step(network, optimizer, scaler, batch, tasks, config, device, options.augment, amp))
+                guard.restore()
                 advance(1)
         loss = _mean_over_ranks(float(np.mean(losses)), device, dist_info)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
                                   "seconds": round(time.perf_counter() - started, 3)}
+        if encoder_frozen:
+            record["encoder_frozen"] = True
         validate = has_validation and ((epoch + 1) % options.val_every == 0 or epoch + 1 == options.epochs)
         if validate and dist_info.main:
             dice = validation_dice(model, tasks, [val for _, val in chosen], device)
@@ -473,4 +551,4 @@ def _plot(records: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-__all__ = ["TrainOptions", "TrainResult", "train", "training_config", "make_splits", "validation_dice"]
+__all__ = ["TrainOptions", "TrainResult", "Trainable", "train", "training_config", "make_splits", "validation_dice"]

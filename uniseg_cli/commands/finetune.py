@@ -1,0 +1,73 @@
+"""``uniseg finetune``: from a raw dataset folder to a fine-tuned model folder, evaluated."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from uniseg_cli.commands._options import parse_triple
+from uniseg_cli.devices import DEVICE_HELP
+
+
+def finetune(
+    dataset: Path = typer.Argument(..., metavar="DATASET", help="nnU-Net v2 or MSD dataset folder (with dataset.json)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Pretrained model: folder, registry name or Hub name (default: the registry's default)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Model folder to write (default: <dataset name>-finetuned here)."),
+    mode: str = typer.Option("downstream", "--mode", metavar="downstream|new-task", help="downstream: the paper's protocol (no prompt, new heads, one task). new-task: add the dataset as one more prompted task."),
+    task_name: Optional[str] = typer.Option(None, "--task-name", help="Name of the dataset's task (default: the folder name without DatasetNNN_/TaskNN_)."),
+    freeze_upstream: bool = typer.Option(False, "--freeze-upstream", help="new-task: train only the new task's weights; the model's other tasks keep their exact outputs."),
+    freeze_encoder: int = typer.Option(0, "--freeze-encoder", min=0, metavar="K", help="Keep the pretrained encoder fixed for the first K epochs."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Epochs (the paper: 100)."),
+    batches_per_task: int = typer.Option(250, "--batches-per-task", min=1, help="Batches per epoch (the paper: 250)."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Patches per batch."),
+    learning_rate: float = typer.Option(1e-2, "--lr", min=0.0, help="Initial learning rate, poly decay (the paper: 0.01)."),
+    fold: str = typer.Option("0", "--fold", help="Cross-validation fold 0-4 or 'all' (no validation, no evaluation.json)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="JSON list of {train, val} folds (nnU-Net's splits_final.json)."),
+    val_every: int = typer.Option(10, "--val-every", min=1, help="Validate every N epochs and at the end."),
+    target_spacing: Optional[str] = typer.Option(None, "--target-spacing", metavar="Z,Y,X", help="Resample to this spacing (mm) instead of the dataset's median."),
+    preprocessed: Optional[Path] = typer.Option(None, "--preprocessed", help="Where to keep the pre-processed dataset (default: <output>-preprocessed beside the output; reused on rerun)."),
+    tolerance: float = typer.Option(1.0, "--tolerance", help="Surface Dice tolerance (mm) of the final evaluation."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring in the final evaluation's predictions (default on, as predict)."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
+    workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading worker processes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of new weights and of every batch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
+) -> None:
+    """Fine-tune a pretrained model on a dataset: check, pre-process (cached), train, evaluate.
+
+    The output is a model folder (`uniseg predict --model OUTPUT --task NAME`), with best/, the
+    training log and state, and evaluation.json: Dice, HD95 and surface Dice of the held-out cases,
+    segmented from their raw files with predict's pipeline.
+
+    \b
+    Examples:
+      uniseg finetune ./Dataset501_Liver --model uniseg-11task -o liver-ft
+      uniseg finetune ./Task09_Spleen -m uniseg-11task --mode new-task --freeze-upstream -o with-spleen
+    """
+    from uniseg_cli.errors import UsageError
+    from uniseg_cli.finetuning import finetune as run
+    from uniseg_cli.training.trainer import TrainOptions
+
+    if quiet:
+        logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
+    if fold != "all" and not fold.isdigit():
+        raise UsageError(f"--fold must be a number or 'all', got {fold!r}")
+    spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")
+    output = output or Path(f"{dataset.resolve().name}-finetuned")
+    options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
+                           learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
+                           device=device, workers=workers, seed=seed, resume=resume, progress=not quiet,
+                           freeze_encoder_epochs=freeze_encoder)
+    result = run(dataset, output, model=model, mode=mode, task_name=task_name, freeze_upstream=freeze_upstream,
+                 preprocessed=preprocessed, target_spacing=spacing, workers=None, tolerance=tolerance, tta=tta,
+                 options=options)
+    if result.evaluation is not None:
+        summary = result.evaluation["summary"]
+        names = result.evaluation["labels"]
+        logging.getLogger("uniseg_cli").info(
+            "held-out Dice: %s", ", ".join(f"{names.get(k, k)} {v['dice']['mean']:.3f}" for k, v in summary.items()))
+    print(output)

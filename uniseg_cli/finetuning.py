@@ -1,0 +1,235 @@
+"""``uniseg finetune``: a pretrained UniSeg model, adapted to one new dataset, in one command.
+
+Two ways to carry the pretrained weights over (the weights are copied by name; what cannot be copied
+is said in the log):
+
+- ``downstream`` (the paper's transfer protocol): every encoder and decoder weight is kept; the
+  universal prompt and the fusion layer are dropped, and with them the prompt's input channel of the
+  first transposed convolution (``tu.0``); the segmentation heads are new, sized for the dataset's
+  labels. The result is a plain U-Net whose one task is the dataset (``prompted: false``).
+- ``new-task``: the prompt machinery stays and the dataset becomes one more task: one more prompt
+  channel, one more output of the fusion layer, and more head outputs if the dataset has more classes
+  than the model emits. The fusion layer keeps its pretrained hidden width, and the new prompt channel
+  enters it through zero weights. With ``freeze_upstream`` only the new task's own weights train (its
+  prompt, its fusion output, new head outputs, a new input convolution), so the upstream tasks give
+  exactly the logits they gave before.
+
+A dataset whose channel count has no input convolution in the model gets a new one (``conv_<n>``),
+trained from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from uniseg_cli.atomic import atomic_file
+from uniseg_cli.datasets import default_task_key, read_dataset
+from uniseg_cli.errors import UsageError
+from uniseg_cli.evaluation import CaseScores, report, score_arrays
+from uniseg_cli.hub import resolve_model
+from uniseg_cli.imageio import read_channels, read_image
+from uniseg_cli.model.files import load_model
+from uniseg_cli.model.network import UniSeg
+from uniseg_cli.preprocessed import TaskData, preprocess_datasets
+from uniseg_cli.tasks import Task
+from uniseg_cli.training.trainer import TrainOptions, TrainResult, Trainable, train
+
+log = logging.getLogger(__name__)
+
+MODES = ("downstream", "new-task")
+EVALUATION_NAME = "evaluation.json"
+#: The paper's downstream fine-tuning: 100 epochs × 250 batches, lr 0.01, the same optimiser.
+FINETUNE_EPOCHS = 100
+FINETUNE_BATCHES = 250
+
+
+@dataclass
+class Surgery:
+    """The model to fine-tune, initialised from the pretrained one, and what of it trains."""
+
+    model: UniSeg
+    trainable: Trainable
+    notes: list[str]
+
+
+def _fresh(config: Any, seed: int) -> UniSeg:
+    torch.manual_seed(seed)
+    return UniSeg(config)
+
+
+def _input_channels(pretrained: UniSeg, count: int, notes: list[str]) -> None:
+    if count not in pretrained.config.input_channels:
+        notes.append(f"the model has no input convolution for {count} channel(s) "
+                     f"(it has {', '.join(map(str, pretrained.config.input_channels))}): a new conv_{count} is "
+                     "trained from scratch")
+
+
+def downstream_model(pretrained: UniSeg, task: Task, *, seed: int = 0) -> Surgery:
+    """The paper's downstream model: pretrained encoder/decoder, no prompt, new heads for ``task``."""
+    notes: list[str] = []
+    count = len(task.channels)
+    _input_channels(pretrained, count, notes)
+    config = pretrained.config.with_changes(tasks=(replace(task, id=0),), prompted=False, fusion_width=None,
+                                            num_classes=task.num_classes, input_channels=(count,))
+    model = _fresh(config, seed)
+    old = pretrained.state_dict()
+    new = model.state_dict()
+    features = config.stage_features[-1]
+    copied = 0
+    for name, tensor in new.items():
+        if name.startswith("seg_outputs."):
+            continue  # new heads for the dataset's labels
+        source = old.get(name)
+        if name == "tu.0.weight" and source is not None:
+            source = source[:features]  # drop the prompt map's input channel (the last one)
+        if source is not None and source.shape == tensor.shape:
+            tensor.copy_(source)
+            copied += 1
+    dropped = [n for n in old if n.startswith(("intermedia_prompt", "fusion_layer."))]
+    notes.append(f"downstream: {copied} pretrained tensors kept, {len(dropped)} of the prompt and fusion layer "
+                 f"dropped, tu.0 without its prompt channel, new heads for {task.num_classes} classes")
+    return Surgery(model, Trainable(), notes)
+
+
+def new_task_model(pretrained: UniSeg, task: Task, *, freeze_upstream: bool, seed: int = 0) -> Surgery:
+    """The pretrained model with ``task`` added as its last prompted task."""
+    if not pretrained.config.prompted:
+        raise UsageError("--mode new-task needs a model with the universal prompt; this one is a downstream model")
+    old_config = pretrained.config
+    if task.key in {t.key for t in old_config.tasks}:
+        raise UsageError(f"the model already has a task {task.key!r}; name the new one with --task-name")
+    notes: list[str] = []
+    count = len(task.channels)
+    _input_channels(pretrained, count, notes)
+    tasks_before = old_config.num_tasks
+    classes_before = old_config.num_classes
+    config = old_config.with_changes(
+        tasks=old_config.tasks + (replace(task, id=tasks_before),),
+        num_classes=max(classes_before, task.num_classes),
+        input_channels=tuple(sorted({*old_config.input_channels, count})),
+        fusion_width=old_config.fusion_features,
+    )
+    model = _fresh(config, seed)
+    old = pretrained.state_dict()
+    features = config.stage_features[-1]
+    last = f"fusion_layer.blocks.{len(model.fusion_layer.blocks) - 1}."
+    masks: dict[str, torch.Tensor | None] = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            source = old.get(name)
+            if source is None:                                   # a new input convolution
+                masks[name] = None
+                continue
+            if source.shape == tensor.shape:
+                tensor.copy_(source)
+                continue
+            if name == "intermedia_prompt":
+                tensor[:, :tasks_before] = source
+                masks[name] = _rows(tensor.shape, 1, tasks_before)
+            elif name == "fusion_layer.blocks.0.conv.weight":      # input: bottleneck features, then prompts
+                tensor[:, :features + tasks_before] = source
+                tensor[:, features + tasks_before:] = 0             # the new prompt enters through zeros
+            elif name.startswith(last):                             # one more output: the new task's map
+                tensor[:tasks_before] = source
+                masks[name] = _rows(tensor.shape, 0, tasks_before)
+            elif name.startswith("seg_outputs."):                   # more classes than the model emitted
+                tensor[:classes_before] = source
+                masks[name] = _rows(tensor.shape, 0, classes_before)
+            else:
+                raise UsageError(f"cannot grow {name} from {tuple(source.shape)} to {tuple(tensor.shape)}")
+    notes.append(f"new-task: task {task.key!r} added as prompt {tasks_before} ({tasks_before + 1} tasks), fusion "
+                 f"width kept at {config.fusion_features}, {config.num_classes} output classes"
+                 + ("; only the new task's weights train (--freeze-upstream)" if freeze_upstream else ""))
+    trainable = Trainable({n: m for n, m in masks.items()}) if freeze_upstream else Trainable()
+    return Surgery(model, trainable, notes)
+
+
+def _rows(shape: torch.Size, axis: int, start: int) -> torch.Tensor:
+    """A mask that is True from index ``start`` on along ``axis``."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(start, None)
+    mask[tuple(index)] = True
+    return mask
+
+
+@dataclass
+class FinetuneResult:
+    training: TrainResult
+    evaluation: dict[str, Any] | None
+
+
+def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode: str = "downstream",
+             task_name: str | None = None, freeze_upstream: bool = False, preprocessed: str | Path | None = None,
+             target_spacing: tuple[float, float, float] | None = None, workers: int | None = None,
+             tolerance: float = 1.0, tta: bool = True, options: TrainOptions = TrainOptions(epochs=FINETUNE_EPOCHS,
+                                                                            batches_per_task=FINETUNE_BATCHES)) -> FinetuneResult:
+    """Check and pre-process ``dataset`` (cached), adapt the pretrained model, train, evaluate."""
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if freeze_upstream and mode != "new-task":
+        raise UsageError("--freeze-upstream applies to --mode new-task")
+    dataset, output = Path(dataset), Path(output)
+    pretrained = load_model(resolve_model(model).path)
+    key = (task_name or default_task_key(dataset)).lower()
+    cache = Path(preprocessed) if preprocessed else output.parent / f"{output.name}-preprocessed"
+    log.info("pre-processing %s into %s (reused when it is already there)", dataset, cache)
+    (data,) = preprocess_datasets([f"{key}={dataset}"], cache, known=(), workers=workers,
+                                  progress=options.progress, target_spacing=target_spacing)
+    surgery = (downstream_model(pretrained, data.task, seed=options.seed) if mode == "downstream"
+               else new_task_model(pretrained, data.task, freeze_upstream=freeze_upstream, seed=options.seed))
+    for note in surgery.notes:
+        log.info("%s", note)
+    config = surgery.model.config.with_changes(
+        source=f"fine-tuned ({mode}) with `uniseg finetune` from {model} on {data.dataset} ({len(data.cases)} cases); "
+               f"pretrained: {pretrained.config.source or 'not recorded'}")
+    training = train(cache, output, config=config, options=options,
+                     init_state=None if options.resume else surgery.model.state_dict(), trainable=surgery.trainable)
+    evaluation = evaluate_validation(output, data, options, tolerance, tta=tta)
+    return FinetuneResult(training, evaluation)
+
+
+def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tolerance: float, *,
+                        tta: bool = True) -> dict[str, Any] | None:
+    """Segment the fold's held-out cases from their raw files with the final model (``predict``'s
+    pipeline and defaults: step 0.5, mirroring unless ``tta`` is off) and score them against their raw
+    label maps: ``evaluation.json``."""
+    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.sliding_window import WindowOptions
+
+    splits = json.loads((output / "splits.json").read_text(encoding="utf-8"))[data.task.key]
+    if options.fold == "all" or not splits[int(options.fold) % len(splits)]["val"]:
+        log.info("no held-out cases (fold %s): no evaluation.json", options.fold)
+        return None
+    held_out = splits[int(options.fold) % len(splits)]["val"]
+    segmenter = Segmenter(output, device=options.device, window=WindowOptions(mirror=tta))
+    lookup = np.zeros(256, dtype=np.int64)
+    for index, value in enumerate(data.label_values):
+        lookup[value] = index + 1
+    cases: list[CaseScores] = []
+    for name in held_out:
+        props = data.properties(name)
+        image, geometry = read_channels(props["channels"])
+        prediction = segmenter.predict_array(image, geometry.spacing, data.task.key,
+                                             axis_world=geometry.array_axis_world(), source=props["channels"][0])
+        reference = lookup[read_image(props["label"])[0][0].astype(np.int64)]
+        cases.append(score_arrays(name, props["channels"][0], props["label"], prediction.labels, reference,
+                                  geometry.spacing, list(range(1, data.task.num_classes)), tolerance))
+        log.info("held-out %s: Dice %s", name, ", ".join(f"{s.label}: {s.dice:.3f}" for s in cases[-1].labels))
+    result = report(cases, tolerance)
+    result["labels"] = {str(i): label for i, label in enumerate(data.task.labels, start=1)}
+    result["model"] = str(output)
+    result["settings"] = {"step": 0.5, "tta": tta}
+    with atomic_file(output / EVALUATION_NAME) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+__all__ = ["MODES", "finetune", "downstream_model", "new_task_model", "read_dataset"]
