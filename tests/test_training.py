@@ -158,6 +158,10 @@ def test_cli_train_validate_and_predict_with_the_result(run_cli, kidney_prep, tm
     assert len(splits) == 3 and sorted(sum((f["val"] for f in splits), [])) == ["ct0", "ct1", "ct2"]
     code, _, err = run_cli("train", kidney_prep, "-o", out, "--preset", "small", "--epochs", "2")
     assert code == 2 and "holds a training run; continue it with --resume" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/notes.txt").write_text("mine")
+    code, _, err = run_cli("train", kidney_prep, "-o", tmp_path / "busy", "--preset", "small")
+    assert code == 2 and "busy: folder exists and is not empty" in err
 
     from conftest import CT
     code, _, err = run_cli("predict", CT, "--task", "kidney_slabs", "-m", out, "-o", tmp_path / "seg.nii.gz",

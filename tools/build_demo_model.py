@@ -11,6 +11,8 @@
      map; TCGA-FG-6692 (all three classes) trains, TCGA-DU-7294 is held out.
 2. `uniseg preprocess` at 3 mm isotropic (so that a whole CT is a few dozen tiles of the small network).
 3. `uniseg train --preset small` with an explicit split, on the CPU.
+4. `uniseg predict` (default settings: TTA, step 0.5) on each held-out case with the final weights and
+   `uniseg evaluate` against its label map: WORK_FOLDER/held_out.json.
 The model folder is WORK_FOLDER/model; `best/` holds the best validation weights.
 """
 
@@ -103,10 +105,27 @@ def main() -> int:
     uniseg = [sys.executable, "-m", "uniseg_cli"]
     subprocess.run([*uniseg, "preprocess", *specs, "-o", str(args.work / "preprocessed"), "--target-spacing", "3,3,3"],
                    check=True)
-    subprocess.run([*uniseg, "train", str(args.work / "preprocessed"), "-o", str(args.work / "model"),
-                    "--preset", "small", "--epochs", str(args.epochs), "--batches-per-task", str(args.batches_per_task),
-                    "--val-every", "2", "--split-file", str(split_file), "--device", "cpu", "--workers", "1",
-                    *(["--resume"] if (args.work / "model" / "training_state.pt").exists() else [])], check=True)
+    if not (args.work / "model" / "model.safetensors").exists():
+        subprocess.run([*uniseg, "train", str(args.work / "preprocessed"), "-o", str(args.work / "model"),
+                        "--preset", "small", "--epochs", str(args.epochs), "--batches-per-task",
+                        str(args.batches_per_task), "--val-every", "2", "--split-file", str(split_file), "--device",
+                        "cpu", "--workers", "1",
+                        *(["--resume"] if (args.work / "model" / "training_state.pt").exists() else [])], check=True)
+    results = {}
+    for task, folds in splits.items():
+        root = raw / f"Dataset_{task}"
+        channels = len(json.loads((root / "dataset.json").read_text())["channel_names"])
+        for case in folds[0]["val"]:
+            images = ",".join(str(root / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(channels))
+            prediction = args.work / "held_out" / task / f"{case}.nii.gz"
+            subprocess.run([*uniseg, "predict", images, "--task", task, "-m", str(args.work / "model"), "-o",
+                            str(prediction), "--device", "cpu", "-q"], check=True)
+            report = subprocess.run([*uniseg, "evaluate", str(prediction), str(root / "labelsTr" / f"{case}.nii.gz"),
+                                     "--json", "--labels", ",".join(str(v) for v in range(1, 4 if task == "brain_tumor" else 2))],
+                                    check=True, capture_output=True, text=True)
+            results[f"{task}/{case}"] = json.loads(report.stdout)["cases"][0]["labels"]
+    (args.work / "held_out.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: {label: v["dice"] for label, v in labels.items()} for k, labels in results.items()}))
     return 0
 
 

@@ -255,6 +255,8 @@ def train(data_folder: str | Path, output: str | Path, *, config: UniSegConfig |
         raise UsageError(f"{output}: nothing to resume ({STATE_NAME} is missing)")
     if not options.resume and state_path.exists():
         raise UsageError(f"{output}: holds a training run; continue it with --resume or choose another folder")
+    if not options.resume and output.is_dir() and any(output.iterdir()):
+        raise UsageError(f"{output}: folder exists and is not empty; choose another output folder")
     if options.epochs < 1 or options.batches_per_task < 1 or options.batch_size < 1:
         raise UsageError("--epochs, --batches-per-task and --batch-size must be at least 1")
 
