@@ -11,7 +11,9 @@ import pytest
 
 from hub_server import FakeHub
 from uniseg_cli.errors import ModelFileError, UsageError
-from uniseg_cli.hub import Registry, RegistryError, load_registry, parse_registry, resolve_model, sha256_of
+from uniseg_cli.hub import (
+    Registry, RegistryError, load_registry, parse_registry, registry_folder, resolve_model, sha256_of, verify_files,
+)
 
 REPO = "uniseg-test/tiny"
 
@@ -134,6 +136,8 @@ def test_shipped_registry_is_valid():
     for entry in registry.models.values():   # each entry: pinned revision, both hashes, known tasks, licence
         assert entry.files and entry.license and entry.tasks
         assert entry.path or (entry.repo and len(entry.revision) == 40)
+        if entry.path:                       # a bundled model ships with the hashes the registry pins
+            verify_files(registry_folder() / entry.path, entry)
     assert registry.default is None or registry.default in registry.models
 
 

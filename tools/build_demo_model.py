@@ -1,12 +1,11 @@
 """Build the bundled demo model from the real scans in ../shared/data with `uniseg preprocess` and `uniseg train`.
 
-    python tools/build_demo_model.py WORK_FOLDER [--epochs 16] [--shared ../shared/data]
+    python tools/build_demo_model.py WORK_FOLDER [--epochs 40] [--shared ../shared/data]
 
 1. Writes nnU-Net v2 datasets into WORK_FOLDER/raw/ from the Apache-2.0 scans only:
-   - CT tasks liver, kidney, spleen, pancreas, vertebrae: TotalSegmentator's example CT (training) and
+   - CT tasks liver, kidney, spleen: TotalSegmentator's example CT (training) and
      its DICOM example CT, converted to NIfTI with its label map resampled onto the DICOM grid (held
-     out; it has no kidney). TotalSegmentator ids: spleen 1, kidneys 2+3, liver 5, pancreas 7,
-     vertebrae 26-50.
+     out; it has no kidney). TotalSegmentator ids: spleen 1, kidneys 2+3, liver 5.
    - brain_tumor (T1, T1ce, T2, FLAIR): the two BrainLesion/TCGA cases with the fused BraTS-algorithm
      map; TCGA-FG-6692 (all three classes) trains, TCGA-DU-7294 is held out.
 2. `uniseg preprocess` at 3 mm isotropic (so that a whole CT is a few dozen tiles of the small network).
@@ -27,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-CT_TASKS = {"liver": [5], "kidney": [2, 3], "spleen": [1], "pancreas": [7], "vertebrae": list(range(26, 51))}
+# Pancreas and vertebrae were tried (20 epochs with all five CT tasks): held-out Dice 0.00 and 0.11, and the
+# three large organs did not separate by task; the demo keeps the three CT tasks it can learn in CPU minutes.
+CT_TASKS = {"liver": [5], "kidney": [2, 3], "spleen": [1]}
 BRAIN_LABELS = {"background": 0, "edema": 2, "non-enhancing tumour": 1, "enhancing tumour": 4}
 BRAIN_TRAIN, BRAIN_VAL = "TCGA-FG-6692", "TCGA-DU-7294"
 
@@ -86,7 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path)
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batches-per-task", type=int, default=50)
     args = parser.parse_args()
     raw = args.work / "raw"
