@@ -80,7 +80,7 @@ Built with `python tools/build_demo_model.py WORK` (which calls `uniseg preproce
   BraTS algorithms as the target, mapped edema 2 → 1, necrosis/non-enhancing 1 → 2, enhancing 4 → 3.
 - `uniseg train --preset small --epochs {len(epochs)} --batches-per-task 50 --batch-size 2` on 2 CPU cores
   (AMD EPYC): {len(epochs)} epochs × {len(config.tasks)} tasks × 50 batches of 2 patches, the published recipe
-  otherwise (augmentation, Dice + CE, SGD 0.99, poly lr from 0.01), {minutes:.0f} minutes. Final weights
+  otherwise (augmentation, Dice + CE, SGD 0.99, poly lr from 0.01), {minutes:.0f} minutes of training epochs (validation not counted). Final weights
   (training loss {epochs[-1]['loss']:.3f}).
 
 ## How good it is, on cases it was not trained on
