@@ -22,12 +22,16 @@ tumours and PET lesions; the task prompt says which.
 
 \b
 Examples:
+  uniseg predict scan.nii.gz --task kidney -m uniseg-demo --fast   bundled demo model, offline
   uniseg predict scan.nii.gz --task kidney -m uniseg-11task -o kidney.nii.gz
   ls *.nii.gz | uniseg predict - --task liver -m uniseg-11task -o out/ --json
   uniseg tasks                          list the tasks and their aliases
   uniseg tasks --json                   the same as JSON
   uniseg weights import model_final_checkpoint.model -o uniseg-11task
   uniseg preprocess -d kidney=./Dataset001_KiTS -o prep/ && uniseg train prep/ -o my-model/
+  uniseg finetune ./Dataset501_Liver -m uniseg-11task -o liver-ft
+  uniseg evaluate pred/ labelsTs/ --json > metrics.json
+  uniseg export my-model --format onnx
 """
 
 app = typer.Typer(
