@@ -187,3 +187,11 @@ def test_dataset_json_errors(run_cli, kidney_dataset, tmp_path):
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
                                                    "labels": {"background": 0, "kidney": [1, 2]}}))
     assert "region" in _one_error(run_cli, "-d", str(root), "-o", tmp_path / "p")
+
+
+def test_known_tasks_can_come_from_a_model(run_cli, kidney_dataset, tmp_path):
+    """`--model`: the model's own tasks are the known ones (the demo model's kidney is at 3 mm)."""
+    code, _, err = run_cli("preprocess", "-d", f"kidney={kidney_dataset}", "-o", tmp_path / "prep", "-m", "uniseg-demo", "-q")
+    assert code == 0, err
+    task = json.loads((tmp_path / "prep/plan.json").read_text())["tasks"][0]["task"]
+    assert task["key"] == "kidney" and task["target_spacing"] == [3.0, 3.0, 3.0]

@@ -143,3 +143,18 @@ def test_a_new_channel_count_gets_a_new_input_convolution():
     assert any("no input convolution for 2 channel(s)" in note for note in surgery.notes)
     assert surgery.model.config.input_channels == (2,)
     assert "conv_blocks_context.0.blocks.0.conv_2.weight" in surgery.model.state_dict()
+
+
+def test_rerun_reuses_the_preprocessing_and_resume_continues(run_cli, small_model_dir, kidney_dataset, tmp_path):
+    out = tmp_path / "ft"
+    args = ("finetune", kidney_dataset, "-m", small_model_dir, "-o", out, "--batches-per-task", "2",
+            "--target-spacing", "6,6,6", "--no-tta", "--device", "cpu", "-j", "0", "-q", "--fold", "all")
+    code, _, err = run_cli(*args, "--epochs", "1")
+    assert code == 0, err
+    cached = tmp_path / "ft-preprocessed" / "kidneyslabs" / "ct0.npy"
+    stamp = cached.stat().st_mtime_ns
+    code, _, err = run_cli(*args, "--epochs", "2", "--resume")
+    assert code == 0, err
+    assert cached.stat().st_mtime_ns == stamp                                   # not pre-processed again
+    epochs = [json.loads(line).get("epoch") for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [e for e in epochs if e is not None] == [1, 2]
