@@ -209,3 +209,28 @@ def test_a_sagittally_stored_scan_gives_the_same_labels_in_its_own_geometry(run_
     sagittal = nib.load(tmp_path / "out" / "sagittal_liver.nii.gz")
     assert np.array_equal(sagittal.affine, permuted.affine) and sagittal.shape == permuted.shape
     assert np.array_equal(np.asarray(sagittal.dataobj), axial.transpose(1, 2, 0))
+
+
+def test_max_memory_refuses_what_cannot_fit_and_slabs_the_export(run_cli, small_model_dir, ct_volume, tmp_path):
+    """The kidney task at 3×1.5×1.5 mm: about 45 MiB of input and accumulators for the real CT."""
+    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.runtime import parse_size
+    from uniseg_cli.sliding_window import WindowOptions
+
+    assert parse_size("4G") == 4 * 2**30 and parse_size("512m") == 512 * 2**20 and parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("1000") == 1000
+    code, _, err = run_cli("predict", CT, "-t", "kidney", "-m", small_model_dir, "-o", tmp_path / "a.nii.gz",
+                           "--no-tta", "--max-memory", "20M")
+    assert code == 1 and "more than --max-memory 0.02 GiB" in err and "probabilities of 3 classes" in err
+    assert not (tmp_path / "a.nii.gz").exists()
+    code, _, err = run_cli("predict", CT, "-t", "kidney", "-m", small_model_dir, "-o", tmp_path, "--max-memory", "lots")
+    assert code == 2 and "--max-memory must be a size like 4G" in err
+
+    window = WindowOptions(mirror=False, step=1.0)
+    free = Segmenter(small_model_dir, device="cpu", window=window).predict_array(ct_volume, (3, 3, 3), "kidney")
+    inputs = Segmenter(small_model_dir, device="cpu", window=window).prepare_array(ct_volume, (3, 3, 3), "kidney")
+    group, x, info = inputs.groups[0]
+    needed = x.nbytes + 4 * int(np.prod([max(s, p) for s, p in zip(x.shape[1:], (32, 64, 64))])) * 4 + 2 * ct_volume.size
+    tight = Segmenter(small_model_dir, device="cpu", window=window, max_memory=needed + 3 * 101 * 122 * 4 * 2)
+    assert tight._memory_budget(x, group, info, inputs.shape) == 3 * 101 * 122 * 4 * 2   # two rows per slab
+    np.testing.assert_array_equal(tight.run(inputs).labels, free.labels)

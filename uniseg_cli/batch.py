@@ -25,12 +25,12 @@ CASE_ERRORS = (UnisegError, OSError, MemoryError, torch.OutOfMemoryError)
 def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, model: str | None, output: Path | None,
               device: str, window: WindowOptions, probabilities: str | None, modality: str | None,
               shard: str | None, skip_existing: bool, emit: Callable[[CaseResult], None] | None,
-              progress: bool) -> int:
+              progress: bool, max_memory: int | None = None) -> int:
     """Segment every case; returns the number of failed cases (each reported on stderr and to ``emit``)."""
     cases = select_shard(collect_cases(arguments, stdin), shard)
     if not cases:
         raise UsageError("no cases to segment" + (f" in shard {shard}" if shard else ""))
-    segmenter = Segmenter(model, device=device, window=window)
+    segmenter = Segmenter(model, device=device, window=window, max_memory=max_memory)
     key = segmenter.task_key(task)
     plan = [(case, output_path(case, key, output, single=len(cases) == 1)) for case in cases]
     for case, target in plan:

@@ -25,7 +25,7 @@ from uniseg_cli.hub import resolve_model
 from uniseg_cli.imageio import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.preprocessing import CropInfo, labels_from_probabilities, preprocess, uncrop
+from uniseg_cli.preprocessing import EXPORT_SLAB_BYTES, CropInfo, labels_from_probabilities, preprocess, uncrop
 from uniseg_cli.runtime import resolve_precision
 from uniseg_cli.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.tasks import Task, resolve_task
@@ -84,10 +84,13 @@ class Segmenter:
     device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a device.
     window: sliding-window step, mirroring TTA, tiles per forward pass and precision (``auto``: fp16
         autocast on CUDA, fp32 elsewhere).
+    max_memory: bytes the arrays of one case may take (network input, probability accumulators,
+        export slabs; the network's own working memory per tile is not counted): a case that needs more
+        is refused before its sliding window starts, and the export resampling works in slabs that fit.
     """
 
     def __init__(self, model: str | Path | UniSeg | None, *, device: str | torch.device = "auto",
-                 window: WindowOptions = WindowOptions(precision="auto")) -> None:
+                 window: WindowOptions = WindowOptions(precision="auto"), max_memory: int | None = None) -> None:
         if not 0 < window.step <= 1:
             raise UsageError(f"--step must be in (0, 1], got {window.step}")
         if window.batch_size < 1:
@@ -98,6 +101,7 @@ class Segmenter:
         else:
             self.model = load_model(resolve_model(model).path, device=self.device)
         self.window = replace(window, precision=resolve_precision(window.precision, self.device))
+        self.max_memory = max_memory
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -179,11 +183,12 @@ class Segmenter:
         merged = None if single else np.zeros(inputs.shape, dtype=np.uint8)
         saved: dict[str, np.ndarray] = {}
         for group, x, info in inputs.groups:
+            slab_bytes = self._memory_budget(x, group, info, inputs.shape)
             tensor = torch.from_numpy(x).to(self.device)
             with torch.inference_mode():
                 outputs = self._window(tensor, [(t.id, t.num_classes) for t in group], on_tile)
                 for task_, probs in zip(group, outputs):
-                    labels_t, p = labels_from_probabilities(probs, info, keep=probabilities)
+                    labels_t, p = labels_from_probabilities(probs, info, keep=probabilities, slab_bytes=slab_bytes)
                     labels = uncrop(labels_t.cpu().numpy(), info)
                     if p is not None:
                         saved[task_.key] = np.concatenate([uncrop(p[:1], info, fill=1), uncrop(p[1:], info)])
@@ -195,6 +200,23 @@ class Segmenter:
                     hit = labels > 0
                     merged[hit] = labels[hit] + offset
         return Prediction(merged, inputs.legend, saved)
+
+    def _memory_budget(self, x: np.ndarray, group: Sequence[Task], info: CropInfo, shape: Sequence[int]) -> int:
+        """The export slab size under ``max_memory``, after refusing a case whose arrays cannot fit."""
+        if self.max_memory is None:
+            return EXPORT_SLAB_BYTES
+        padded = int(np.prod([max(s, p) for s, p in zip(x.shape[1:], self.model.config.patch_size)]))
+        classes = sum(t.num_classes for t in group)
+        needed = (x.nbytes                                  # the network input
+                  + (classes + 1) * padded * 4              # float32 accumulators and weights
+                  + 2 * int(np.prod(shape)))                # the uint8 label map and the merged map
+        if needed > self.max_memory:
+            raise UnisegError(
+                f"needs about {_gib(needed)} for the input and the probabilities of {classes} classes on "
+                f"{'×'.join(map(str, x.shape[1:]))} voxels at {'×'.join(f'{s:g}' for s in info.target_spacing)} mm, "
+                f"more than --max-memory {_gib(self.max_memory)}")
+        row = classes * int(np.prod(info.cropped_shape[1:])) * 4
+        return max(row, min(EXPORT_SLAB_BYTES, self.max_memory - needed))
 
     def _window(self, tensor: torch.Tensor, tasks: list[tuple[int, int]],
                 on_tile: Callable[[int, int], None] | None) -> list[torch.Tensor]:
@@ -284,6 +306,10 @@ class PreparedCase:
     geometry: Geometry
     inputs: NetworkInputs
     started: float
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
 
 
 def _group_by_preprocessing(tasks: Sequence[Task]) -> list[list[Task]]:

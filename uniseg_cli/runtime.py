@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import re
 import sys
 from collections.abc import Iterator
 
@@ -52,6 +53,18 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``4G``, ``512M``, ``1.5GiB``, ``2000000`` → bytes (K/M/G/T are powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"--max-memory must be a size like 4G, 512M or 1.5GiB, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4

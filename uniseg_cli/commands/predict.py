@@ -26,6 +26,7 @@ def predict(
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Tiles per forward pass (more needs more memory; same result)."),
     save_probabilities: Optional[str] = typer.Option(None, "--save-probabilities", metavar="npz|nifti", help="Also write the task-class probabilities beside the label map: npz (float16) or nifti (float32)."),
     modality: Optional[str] = typer.Option(None, "--modality", help="With --task all on one-channel scans: CT or MR (default: CT if the scan has values below -500)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE", help="Refuse a case whose arrays (input, probability accumulators, label maps) would need more than SIZE (e.g. 4G), and resample the export in slabs that fit; the network's per-tile memory is not counted."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per case on stdout."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case starting at I (sorted by case name), to split a batch across jobs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip cases whose output exists (resume an interrupted batch)."),
@@ -47,7 +48,7 @@ def predict(
     from uniseg_cli.batch import run_batch
     from uniseg_cli.errors import UsageError
     from uniseg_cli.predictor import PROBABILITY_FORMATS
-    from uniseg_cli.runtime import PRECISIONS, keep_freed_memory
+    from uniseg_cli.runtime import PRECISIONS, keep_freed_memory, parse_size
     from uniseg_cli.sliding_window import WindowOptions
 
     if quiet:
@@ -67,7 +68,7 @@ def predict(
         window=WindowOptions(step=step, mirror=tta, batch_size=batch_size, precision=precision),
         probabilities=save_probabilities, modality=modality, shard=shard, skip_existing=skip_existing,
         emit=(lambda result: print(json.dumps(result.to_json()), flush=True)) if as_json else None,
-        progress=not quiet,
+        progress=not quiet, max_memory=None if max_memory is None else parse_size(max_memory),
     )
     if failures:
         raise typer.Exit(1)
