@@ -39,9 +39,9 @@ def preprocess(
     known = UPSTREAM_TASKS
     if model is not None:
         from uniseg_cli.config import UniSegConfig
-        from uniseg_cli.hub import CONFIG_NAME, resolve_model
+        from uniseg_cli.hub import model_paths, resolve_model
 
-        known = UniSegConfig.from_json_file(resolve_model(model).path / CONFIG_NAME).tasks
+        known = UniSegConfig.from_json_file(model_paths(resolve_model(model).path)[0]).tasks
     spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")
     tasks = preprocess_datasets(datasets, output, known=known, workers=workers, progress=not quiet,
                                 target_spacing=spacing)
