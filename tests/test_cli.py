@@ -30,3 +30,22 @@ def test_python_dash_m_and_console_script_run_the_same_app(tmp_path):
                              "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip() == f"Error: {tmp_path / 'x.model'}: no such file"
+
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_output(small_model_dir, tmp_path):
+    """SIGINT during a prediction: exit code 130, one line, no half-written or temporary file."""
+    import subprocess
+    import sys
+
+    from conftest import CT
+
+    script = (
+        "import os, signal, sys, threading\n"
+        "from uniseg_cli.cli import main\n"
+        "threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        f"sys.exit(main(['predict', {str(CT)!r}, '-t', 'kidney', '-m', {str(small_model_dir)!r}, "
+        f"'-o', {str(tmp_path / 'k.nii.gz')!r}, '--device', 'cpu']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Error: interrupted" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []

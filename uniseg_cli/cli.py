@@ -6,7 +6,9 @@ into one ``Error: …`` line on standard error and the error's exit code (1 runt
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import typer
@@ -73,15 +75,34 @@ app.command("evaluate")(evaluate.evaluate)
 app.add_typer(weights.app, name="weights")
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, raised instead of KeyboardInterrupt so that it reaches ``main`` (click would turn a
+    KeyboardInterrupt into "Aborted!" and exit code 1); a BaseException, so ``except Exception`` blocks let
+    it pass while the atomic writers still clean up their temporary files."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
+    """Entry point of the console script; returns the process exit code (130 when interrupted)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
     try:
         app(args=argv, prog_name="uniseg")
     except UnisegError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Interrupted:
+        print("Error: interrupted (outputs not finished were removed; train/finetune continue with --resume, "
+              "predict with --skip-existing)", file=sys.stderr)
+        return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 

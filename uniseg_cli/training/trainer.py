@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -326,9 +327,9 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
         start_epoch, best, best_epoch = int(state["epoch"]), state["best_dice"], state["best_epoch"]
         torch.set_rng_state(state["torch_rng"].cpu())
         guard.remember(model)
+        if start_epoch >= options.epochs:
+            raise UsageError(f"{output}: already trained {start_epoch} epochs; raise --epochs to train more")
         log.info("resuming %s after epoch %d of %d", output, start_epoch, options.epochs)
-    if start_epoch >= options.epochs:
-        raise UsageError(f"{output}: already trained {start_epoch} epochs; raise --epochs to train more")
     network: torch.nn.Module = model
     if dist_info.world > 1:
         # each batch uses one input convolution and one task's prompt slice: the others get no gradient
@@ -347,7 +348,8 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
     batches = PatchBatches(tasks, [train for train, _ in chosen], config.patch_size, options.batch_size,
                            options.seed, SpatialOptions() if options.augment else None)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler, num_workers=options.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=options.workers > 0)
+                                         pin_memory=device.type == "cuda", persistent_workers=options.workers > 0,
+                                         worker_init_fn=_worker_init)
     has_validation = any(val for _, val in chosen)
     log.info("training %d task(s) on %s%s: %d epochs × %d batches (%d per task) of %d patch(es) %s, fold %s, "
              "validation %s", len(tasks), device, f" × {dist_info.world} ranks" if dist_info.world > 1 else "",
@@ -411,6 +413,12 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
             handle.write(json.dumps(end) + "\n")
         log.info("model written to %s (final weights; best validation in %s/)", output, BEST_FOLDER)
     return TrainResult(output, options.epochs, loss, best, best_epoch, records)
+
+
+def _worker_init(worker: int) -> None:
+    """Loader workers take Ctrl-C the default way (torch ends them quietly); the CLI's own handler, which
+    a forked worker inherits, is for the training process."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
