@@ -50,6 +50,12 @@ def atomic_file(dest: str | Path, *, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def write_text(dest: str | Path, text: str) -> None:
+    """``dest.write_text(text)`` (UTF-8), atomically."""
+    with atomic_file(dest, suffix=Path(dest).suffix) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes ``dest`` only if the block succeeds.

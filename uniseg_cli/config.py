@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_cli.errors import ConfigError
+from uniseg_cli.jsonfile import read_json
 from uniseg_cli.tasks import UPSTREAM_TASKS, Task, _check_keys, _typed, validate_tasks
 
 CONFIG_FORMAT = "uniseg"
@@ -205,12 +206,7 @@ class UniSegConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> UniSegConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
+        data = read_json(path, ConfigError)
         try:
             return cls.from_dict(data)
         except ConfigError as exc:

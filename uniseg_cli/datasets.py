@@ -11,7 +11,6 @@ Plain data and numpy; the integrity check reads every file before any pre-proces
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -21,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.imageio import ImageError, read_channels, read_image
+from uniseg_cli.imageio import ImageError, read_channels, read_image, strip_ending
+from uniseg_cli.jsonfile import read_json
 from uniseg_cli.preprocessing import axial_permutation
 from uniseg_cli.tasks import CT_WINDOW, Channel, Task, resolve_task
 
@@ -67,12 +67,8 @@ def read_dataset(root: str | Path) -> Dataset:
     meta_path = root / DATASET_JSON
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{meta_path}: missing (a dataset folder needs nnU-Net v2's or the MSD's dataset.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{meta_path}: not readable JSON ({exc})") from None
+    meta = read_json(meta_path, DatasetError,
+                     missing="missing (a dataset folder needs nnU-Net v2's or the MSD's dataset.json)")
     if not isinstance(meta, dict):
         raise DatasetError(f"{meta_path}: expected a JSON object")
     if "training" in meta and "modality" in meta:
@@ -148,18 +144,10 @@ def _read_msd(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
         if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
             raise DatasetError(f"{where}: every training entry needs image and label")
         image, label = root / entry["image"], root / entry["label"]
-        cases.append(TrainingCase(_stem(label), (image,), label))
+        cases.append(TrainingCase(strip_ending(label), (image,), label))
     if not cases:
         raise DatasetError(f"{where}: the training list is empty")
     return Dataset(root, "MSD", channels, labels, tuple(cases))
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for ending in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return name
 
 
 # --------------------------------------------------------------------------- tasks of datasets
@@ -262,6 +250,14 @@ def check_case(case: TrainingCase, dataset: Dataset) -> CaseCheck:
                            f"(declared: {list(dataset.label_values)})")
     perm = axial_permutation(geometry.array_axis_world())
     return CaseCheck(case.name, tuple(data.shape[1:]), tuple(float(geometry.spacing[p]) for p in perm), present)  # type: ignore[arg-type]
+
+
+def label_classes(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """A label map's dataset values as the task's classes: ``values[i]`` becomes class ``i + 1``."""
+    lookup = np.zeros(256, dtype=np.uint8)
+    for index, value in enumerate(values):
+        lookup[value] = index + 1
+    return lookup[labels.astype(np.int64)]
 
 
 def median_spacing(checks: Sequence[CaseCheck]) -> tuple[float, float, float]:

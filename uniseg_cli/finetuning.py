@@ -26,11 +26,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from uniseg_cli.atomic import atomic_file
-from uniseg_cli.datasets import default_task_key, read_dataset
+from uniseg_cli.atomic import write_text
+from uniseg_cli.datasets import default_task_key, label_classes, read_dataset
 from uniseg_cli.errors import UsageError
 from uniseg_cli.evaluation import CaseScores, report, score_arrays
 from uniseg_cli.hub import resolve_model
@@ -210,16 +209,13 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
         return None
     held_out = splits[int(options.fold) % len(splits)]["val"]
     segmenter = Segmenter(output, device=options.device, window=WindowOptions(mirror=tta))
-    lookup = np.zeros(256, dtype=np.int64)
-    for index, value in enumerate(data.label_values):
-        lookup[value] = index + 1
     cases: list[CaseScores] = []
     for name in held_out:
         props = data.properties(name)
         image, geometry = read_channels(props["channels"])
         prediction = segmenter.predict_array(image, geometry.spacing, data.task.key,
                                              axis_world=geometry.array_axis_world(), source=props["channels"][0])
-        reference = lookup[read_image(props["label"])[0][0].astype(np.int64)]
+        reference = label_classes(read_image(props["label"])[0][0], data.label_values)
         cases.append(score_arrays(name, props["channels"][0], props["label"], prediction.labels, reference,
                                   geometry.spacing, list(range(1, data.task.num_classes)), tolerance))
         log.info("held-out %s: Dice %s", name, ", ".join(f"{s.label}: {s.dice:.3f}" for s in cases[-1].labels))
@@ -227,8 +223,7 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
     result["labels"] = {str(i): label for i, label in enumerate(data.task.labels, start=1)}
     result["model"] = str(output)
     result["settings"] = {"step": 0.5, "tta": tta}
-    with atomic_file(output / EVALUATION_NAME) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text(output / EVALUATION_NAME, json.dumps(result, indent=2) + "\n")
     return result
 
 

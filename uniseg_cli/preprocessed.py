@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from uniseg_cli.atomic import atomic_file
+from uniseg_cli.atomic import atomic_file, write_text
 from uniseg_cli.datasets import (
-    CaseCheck, Dataset, DatasetError, TrainingCase, attach_task, check_case, default_task_key, known_key,
+    CaseCheck, Dataset, DatasetError, TrainingCase, attach_task, check_case, default_task_key, known_key, label_classes,
     median_spacing, parse_dataset_spec, read_dataset, renumber,
 )
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.imageio import read_channels, read_image
+from uniseg_cli.jsonfile import read_json
 from uniseg_cli.preprocessing import preprocess, preprocess_labels
 from uniseg_cli.progress import counting_bar
 from uniseg_cli.tasks import UPSTREAM_TASKS, Task
@@ -77,12 +78,7 @@ def read_plan(folder: str | Path) -> list[TaskData]:
     """The tasks of a pre-processed folder, checked to be complete."""
     folder = Path(folder)
     path = folder / PLAN_NAME
-    try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UnisegError(f"{folder}: not a pre-processed folder ({PLAN_NAME} is missing; run `uniseg preprocess`)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UnisegError(f"{path}: unreadable ({exc})") from None
+    plan = read_json(path, UnisegError, missing="missing: not a pre-processed folder (run `uniseg preprocess`)")
     if plan.get("format") != PLAN_FORMAT or plan.get("format_version") != PLAN_VERSION:
         raise UnisegError(f"{path}: not a uniseg pre-processing plan of version {PLAN_VERSION}")
     tasks = []
@@ -177,8 +173,7 @@ def _write_plan(output: Path, plan: dict[str, Any]) -> None:
             raise UsageError(f"{output}: holds a pre-processing of other datasets or tasks; use another output folder")
         return
     output.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(plan, indent=2) + "\n")
 
 
 def _map(function: Any, jobs: list[tuple[Any, ...]], workers: int, what: str, progress: bool) -> list[Any]:
@@ -206,10 +201,7 @@ def _preprocess_case(case: TrainingCase, dataset: Dataset, task: Task, folder: P
     """Pre-process one case exactly as ``predict`` would, plus its labels; the ``.json`` is written last."""
     data, geometry = read_channels(case.channels)
     raw_labels, _ = read_image(case.label)
-    lookup = np.zeros(256, dtype=np.uint8)
-    for index, value in enumerate(dataset.label_values):
-        lookup[value] = index + 1
-    classes = lookup[raw_labels[0].astype(np.int64)]
+    classes = label_classes(raw_labels[0], dataset.label_values)
     samples = _intensity_samples(data, classes)
     image, info = preprocess(data, geometry.spacing, geometry.array_axis_world(), task.channels, task.target_spacing)
     del data
@@ -234,8 +226,7 @@ def _preprocess_case(case: TrainingCase, dataset: Dataset, task: Task, folder: P
     for suffix, array in (("", image), ("_seg", labels)):
         with atomic_file(folder / f"{case.name}{suffix}.npy", suffix=".npy") as tmp:
             np.save(tmp, np.ascontiguousarray(array))
-    with atomic_file(folder / f"{case.name}.json") as tmp:
-        tmp.write_text(json.dumps(properties) + "\n", encoding="utf-8")
+    write_text(folder / f"{case.name}.json", json.dumps(properties) + "\n")
 
 
 def class_locations(labels: np.ndarray, *, seed: int = 1234) -> dict[int, np.ndarray]:
@@ -294,8 +285,7 @@ def _write_fingerprint(folder: Path, task: Task, dataset: Dataset, checks: Seque
         "class_voxels": voxels,
         "class_locations": "per case, in <case>.json",
     }
-    with atomic_file(folder / "fingerprint.json") as tmp:
-        tmp.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
+    write_text(folder / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
 
 
 __all__ = ["TaskData", "read_plan", "preprocess_datasets", "class_locations", "DatasetError"]

@@ -27,7 +27,7 @@ def evaluate(
       uniseg evaluate pred/ labelsTs/ --json > metrics.json
       uniseg evaluate case1_kidney.nii.gz case1.nii.gz --labels 1,2 --tolerance 2
     """
-    from uniseg_cli.atomic import atomic_file
+    from uniseg_cli.atomic import write_text
     from uniseg_cli.errors import UsageError
     from uniseg_cli.evaluation import METRICS, evaluate as run, to_csv
 
@@ -39,8 +39,7 @@ def evaluate(
             raise UsageError(f"--labels must be integers like 1,2,3, got {labels!r}") from None
     result = run(prediction, reference, labels=chosen, tolerance=tolerance)
     if csv_path is not None:
-        with atomic_file(csv_path, suffix=".csv") as tmp:
-            tmp.write_text(to_csv(result), encoding="utf-8")
+        write_text(csv_path, to_csv(result))
     if as_json:
         print(json.dumps(result))
         return

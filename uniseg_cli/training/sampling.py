@@ -77,7 +77,8 @@ class PatchBatches(torch.utils.data.Dataset):
         self.tasks, self.cases = list(tasks), [list(c) for c in cases]
         self.patch = np.asarray(patch_size, dtype=np.int64)
         self.batch_size, self.seed, self.spatial = batch_size, seed, spatial
-        self._locations: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+        # per worker process: memory maps and foreground positions, opened/read once per case
+        self._cases: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]] = {}
 
     def __len__(self) -> int:  # items are addressed by (epoch, index, task), not by position
         return 0
@@ -85,12 +86,11 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, object]:
         epoch, index, task = item
         rng = np.random.default_rng([self.seed, epoch, index])
-        data = self.tasks[task]
         images, labels, matrices = [], [], []
         for forced in forced_foreground(self.batch_size):
             case = self.cases[task][int(rng.integers(len(self.cases[task])))]
-            image, seg = data.image(case), data.labels(case)
-            centre = self._centre(rng, task, case, seg.shape, forced)
+            image, seg, locations = self._case(task, case)
+            centre = self._centre(rng, locations, seg.shape, forced)
             matrix = self._matrix(rng)
             half = (self.patch - 1) / 2
             reach = np.ceil(np.abs(matrix) @ half).astype(np.int64) + 1 if matrix is not None else None
@@ -105,12 +105,16 @@ class PatchBatches(torch.utils.data.Dataset):
         return {"task": task, "images": images, "labels": labels, "matrices": matrices,
                 "seed": int(rng.integers(2**62))}
 
-    def _centre(self, rng: np.random.Generator, task: int, case: str, shape: Sequence[int], forced: bool) -> np.ndarray:
+    def _case(self, task: int, case: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        key = (task, case)
+        if key not in self._cases:
+            data = self.tasks[task]
+            self._cases[key] = (data.image(case), data.labels(case), data.locations(case))
+        return self._cases[key]
+
+    def _centre(self, rng: np.random.Generator, locations: dict[int, np.ndarray], shape: Sequence[int],
+                forced: bool) -> np.ndarray:
         if forced:
-            key = (task, case)
-            if key not in self._locations:
-                self._locations[key] = self.tasks[task].locations(case)
-            locations = self._locations[key]
             if locations:
                 classes = sorted(locations)
                 positions = locations[classes[int(rng.integers(len(classes)))]]

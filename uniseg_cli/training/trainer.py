@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from uniseg_cli.atomic import atomic_directory, atomic_file
+from uniseg_cli.atomic import atomic_file, write_text
 from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.model.files import write_model_files, write_weights
+from uniseg_cli.jsonfile import read_json
+from uniseg_cli.model.files import save_model, write_weights
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.preprocessed import TaskData, read_plan
 from uniseg_cli.progress import counting_bar
@@ -132,10 +133,7 @@ def make_splits(tasks: Sequence[TaskData], folds: int) -> dict[str, list[dict[st
 
 def read_splits(path: Path, tasks: Sequence[TaskData]) -> dict[str, list[dict[str, list[str]]]]:
     """A split file: ``{task: [{train, val}, …]}``, or nnU-Net's ``splits_final.json`` list for one task."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: unreadable split file ({exc})") from None
+    raw = read_json(path, UsageError, missing="no such split file")
     if isinstance(raw, list):
         if len(tasks) != 1:
             raise UsageError(f"{path}: a list of folds fits one task; with several tasks use {{task: [folds]}}")
@@ -338,11 +336,11 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
 
     if dist_info.main:
         output.mkdir(parents=True, exist_ok=True)
-        _write_json(output / SPLITS_NAME, splits)
-        _write_text(output / "config.json", config.to_json())
+        write_text(output / SPLITS_NAME, json.dumps(splits, indent=2) + "\n")
+        write_text(output / "config.json", config.to_json())
     records = _read_log(output / LOG_NAME, before=start_epoch) if state is not None else []
     if dist_info.main:
-        _write_text(output / LOG_NAME, "".join(json.dumps(r) + "\n" for r in records))
+        write_text(output / LOG_NAME, "".join(json.dumps(r) + "\n" for r in records))
 
     sampler = EpochSampler(len(tasks), options.batches_per_task, options.seed, dist_info.rank, dist_info.world)
     batches = PatchBatches(tasks, [train for train, _ in chosen], config.patch_size, options.batch_size,
@@ -386,7 +384,7 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
             record["mean_dice"] = round(float(np.mean(scores)), 6) if scores else None
             if record["mean_dice"] is not None and (best is None or record["mean_dice"] > best):
                 best, best_epoch = record["mean_dice"], epoch + 1
-                _save_model_folder(model, output / BEST_FOLDER)
+                save_model(model, output / BEST_FOLDER, overwrite=True)
         if dist_info.main:
             _save_state(output / STATE_NAME, model, optimizer, scaler, config, epoch + 1, best, best_epoch)
             records.append(record)
@@ -406,7 +404,7 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
         with atomic_file(output / "model.safetensors", suffix=".safetensors") as tmp:
             write_weights(model, tmp)
         if not has_validation:
-            _save_model_folder(model, output / BEST_FOLDER)  # nothing to choose by: the final weights
+            save_model(model, output / BEST_FOLDER, overwrite=True)  # nothing to choose by: the final weights
         end = {"event": "end", "epochs": options.epochs, "best_dice": best, "best_epoch": best_epoch,
                "weights_checksum_per_rank": checksums}
         with open(output / LOG_NAME, "a", encoding="utf-8") as handle:
@@ -495,20 +493,6 @@ def _weight_checksums(model: UniSeg, device: torch.device, dist_info: Distribute
 
 
 # ----------------------------------------------------------------------------------- files
-def _write_text(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _save_model_folder(model: UniSeg, folder: Path) -> None:
-    with atomic_directory(folder, overwrite=True) as tmp:
-        write_model_files(model, tmp)
-
-
 def _save_state(path: Path, model: UniSeg, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 config: UniSegConfig, epoch: int, best: float | None, best_epoch: int | None) -> None:
     state = {
