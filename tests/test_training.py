@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -171,17 +170,12 @@ def test_cli_train_validate_and_predict_with_the_result(run_cli, kidney_prep, tm
     assert geometry.same_grid(read_image(CT)[1]) and set(np.unique(labels)) <= {0, 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes_keep_identical_weights(kidney_prep, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "uniseg_cli", "train", str(kidney_prep), "-o", str(out),
+    # --standalone: torchrun picks a free local port itself (no window between choosing and binding one)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "uniseg_cli", "train", str(kidney_prep), "-o", str(out),
                "--preset", "small", "--epochs", "2", "--batches-per-task", "4", "--fold", "all",
                "--device", "cpu", "-j", "0", "-q"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -410,6 +410,10 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
         with open(output / LOG_NAME, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(end) + "\n")
         log.info("model written to %s (final weights; best validation in %s/)", output, BEST_FOLDER)
+    if dist_info.world > 1:
+        # the other ranks wait for rank 0's files: a rank that tears down its process group while
+        # rank 0 still writes can abort in gloo's teardown ("terminate called"), failing a finished run
+        dist.barrier()
     return TrainResult(output, options.epochs, loss, best, best_epoch, records)
 
 
