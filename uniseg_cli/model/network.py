@@ -13,7 +13,7 @@ from torch import nn
 
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import InputShapeError
-from uniseg_cli.model.blocks import LEAKY_SLOPE, ConvBlock, MultiInputConvBlock, StackedConvBlocks
+from uniseg_cli.model.blocks import LEAKY_SLOPE, ConvBlock, Conv3d, MultiInputConvBlock, StackedConvBlocks
 
 
 def build_encoder(config: UniSegConfig) -> nn.ModuleList:
@@ -69,7 +69,7 @@ def build_decoder(config: UniSegConfig) -> tuple[nn.ModuleList, nn.ModuleList, n
             StackedConvBlocks.uniform(2 * skip, skip, config.convs_per_stage - 1, kernel=kernel),
             StackedConvBlocks.uniform(skip, skip, 1, kernel=kernel),
         ))
-        heads.append(nn.Conv3d(skip, config.num_classes, 1, 1, 0, bias=False))
+        heads.append(Conv3d(skip, config.num_classes, 1, 1, 0, bias=False))
         from_below = skip
     return tu, localization, heads
 
