@@ -59,7 +59,7 @@ def test_image_is_what_predict_feeds_the_network(kidney_prep):
     raw, geometry = read_channels([props["channels"][0]])
     expected, _ = preprocess(raw, geometry.spacing, geometry.array_axis_world(), data.task.channels,
                              data.task.target_spacing)
-    np.testing.assert_array_equal(np.asarray(data.image("ct2")), expected)
+    np.testing.assert_array_equal(np.asarray(data.image("ct2")), expected.numpy())
 
 
 def test_label_round_trip_through_registry_spacing(ct_volume):

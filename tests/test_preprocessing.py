@@ -44,8 +44,8 @@ def test_resampling_equals_nnunet_on_the_real_ct(ct_volume):
         axis = separate_axis(spacing, target)
         ours = resample_image(crop, shape, order=3, axis=axis)
         theirs = nnunet_v1_resample(crop, shape, 3, axis)
-        assert ours.shape == theirs.shape == (1, *shape)
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-3)  # HU; float32 rounding only
+        assert ours.dtype == torch.float32 and ours.shape == theirs.shape == (1, *shape)
+        np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-3)  # HU; float32 rounding only
 
 
 def test_anisotropy_rule():
@@ -86,11 +86,12 @@ def test_probabilities_back_equal_scikit_image_order_1(shape_from, shape_to, spa
 def test_normalisation_constants():
     liver, brain = resolve_task("liver"), resolve_task("brain_tumor")
     ct = np.array([[[[-1000.0, -325.0, 0.0, 325.0, 2000.0]]]], dtype=np.float32)
-    assert normalize(ct, liver.channels).ravel().tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert normalize(torch.from_numpy(ct), liver.channels).ravel().tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     rng = np.random.default_rng(1)
     mr = rng.normal(300, 40, size=(4, 4, 5, 6)).astype(np.float32)
     expected = [(c - c.astype(np.float64).mean()) / (c.astype(np.float64).std() + 1e-8) for c in mr]
-    np.testing.assert_allclose(normalize(mr.copy(), brain.channels), np.stack(expected), atol=1e-5)
+    np.testing.assert_allclose(normalize(torch.from_numpy(mr.copy()), brain.channels).numpy(), np.stack(expected),
+                               atol=1e-5)
 
 
 def test_crop_and_uncrop_round_trip():
@@ -120,7 +121,7 @@ def test_preprocess_kidney_on_the_real_ct(ct_volume):
     kidney = resolve_task("kidney")
     x, info = preprocess(ct_volume[None].copy(), (3.0, 3.0, 3.0), (2, 1, 0), kidney.channels, kidney.target_spacing)
     assert info.cropped_shape == (112, 101, 122)                      # the CT has no zero border
-    assert x.shape == (1, 112, 202, 244) and x.dtype == np.float32     # 3 mm -> 3 x 1.5 x 1.5 mm
+    assert x.shape == (1, 112, 202, 244) and x.dtype == torch.float32  # 3 mm -> 3 x 1.5 x 1.5 mm
     assert x.min() == 0.0 and x.max() == 1.0
 
 

@@ -204,6 +204,7 @@ def _preprocess_case(case: TrainingCase, dataset: Dataset, task: Task, folder: P
     classes = label_classes(raw_labels[0], dataset.label_values)
     samples = _intensity_samples(data, classes)
     image, info = preprocess(data, geometry.spacing, geometry.array_axis_world(), task.channels, task.target_spacing)
+    image = image.numpy()
     del data
     labels = preprocess_labels(classes, info)
     properties = {
