@@ -26,6 +26,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+if "--run-one" in sys.argv and sys.argv[sys.argv.index("--run-one") + 1] == "uniseg":
+    from uniseg_cli.allocator import tune_allocator
+
+    tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
+
 import numpy as np
 import torch
 
@@ -66,6 +71,7 @@ def prepare(work: Path, model_dir: Path | None, cases: list[str]) -> tuple[Path,
             sitk.WriteImage(big, str(source))
         data, geometry = read_image(source)
         x, info = preprocess(data, geometry.spacing, geometry.array_axis_world(), task.channels, task.target_spacing)
+        x = x.numpy()
         if name == "tile-tta":  # one patch-sized crop, so 8-way mirroring stays affordable on a CPU
             x = np.ascontiguousarray(x[:, :64, :192, :192])
         np.save(work / f"{name}.npy", x)
@@ -80,7 +86,7 @@ def prepare(work: Path, model_dir: Path | None, cases: list[str]) -> tuple[Path,
 def run_one(tool: str, model_dir: str, run: dict, out: str) -> None:
     """One tool on one input, in this (fresh) process; writes labels and timings."""
     from uniseg_cli import load_model
-    from uniseg_cli.preprocessing import CropInfo, argmax_classes, resample_probabilities
+    from uniseg_cli.preprocessing import CropInfo, labels_from_probabilities
     from uniseg_cli.sliding_window import WindowOptions, sliding_window
     from uniseg_cli.tasks import resolve_task
 
@@ -89,16 +95,13 @@ def run_one(tool: str, model_dir: str, run: dict, out: str) -> None:
     x = torch.from_numpy(np.load(run["input"]))
     shape = tuple(run["cropped_shape"])
     info = CropInfo((0, 1, 2), shape, tuple(slice(0, s) for s in shape), tuple(run["spacing"]), tuple(run["target"]))
-    if tool == "uniseg":
-        from uniseg_cli.runtime import keep_freed_memory
-
-        keep_freed_memory()  # what `uniseg predict` does in its process
     start = time.perf_counter()
     if tool == "uniseg":
         with torch.inference_mode():
-            probs = sliding_window(model, x, [(task.id, task.num_classes)], WindowOptions(mirror=run["tta"]))[0]
+            options = WindowOptions(mirror=run["tta"], precision=run["precision"])
+            probs = sliding_window(model, x, [(task.id, task.num_classes)], options)[0]
             window = time.perf_counter() - start
-            labels = argmax_classes(resample_probabilities(probs, info)).numpy()
+            labels = labels_from_probabilities(probs, info)[0].numpy()
     else:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
@@ -128,8 +131,17 @@ def run_one(tool: str, model_dir: str, run: dict, out: str) -> None:
     np.save(out + ".npy", labels)
     Path(out + ".json").write_text(json.dumps({
         "window_s": window, "export_s": total - window, "total_s": total,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }))
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS: VmHWM, which exec resets (getrusage's ru_maxrss keeps the peak of the
+    parent that forked it, here the one that prepared the large inputs)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
@@ -143,6 +155,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--cases", default="small,tile-tta,large", help="any of small, tile-tta, large, huge")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--precision", default="fp32",
+                        help="uniseg's precision(s), comma-separated (nnU-Net v2 runs fp32 on the CPU)")
     parser.add_argument("--run-one", nargs=4, metavar=("TOOL", "MODEL", "RUN_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
@@ -155,12 +169,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model_dir}; task {TASK}; step 0.5")
     for run in runs:
         results = {}
-        for tool in ("uniseg", "nnunetv2"):
-            out = str(work / f"{run['name']}-{tool}")
-            subprocess.run([sys.executable, __file__, "--run-one", tool, str(model_dir), json.dumps(run), out],
-                           check=True)
-            results[tool] = json.loads(Path(out + ".json").read_text()) | {"labels": np.load(out + ".npy")}
-        ours, theirs = results["uniseg"], results["nnunetv2"]
+        for tool, precision in [("uniseg", p) for p in args.precision.split(",")] + [("nnunetv2", "fp32")]:
+            label = tool if tool == "nnunetv2" else f"uniseg {precision}"
+            out = str(work / f"{run['name']}-{label.replace(' ', '-')}")
+            subprocess.run([sys.executable, __file__, "--run-one", tool, str(model_dir),
+                            json.dumps(run | {"precision": precision}), out], check=True)
+            results[label] = json.loads(Path(out + ".json").read_text()) | {"labels": np.load(out + ".npy")}
+        theirs = results["nnunetv2"]
         grid = "×".join(map(str, run["source_shape"][::-1]))
         what = {"small": f"real CT {grid} @ 3 mm",
                 "tile-tta": "one 64×192×192 tile of the real CT, 8-way mirroring",
@@ -168,11 +183,14 @@ def main() -> None:
                 "huge": f"real CT resampled to {grid} voxels (made by resampling, not a real scan)"}
         print(f"\n{run['name']}: {what[run['name']]}, TTA {'on' if run['tta'] else 'off'}")
         for tool, r in results.items():
-            print(f"  {tool:9s} window {r['window_s']:7.1f} s  export {r['export_s']:6.1f} s  total {r['total_s']:7.1f} s"
+            print(f"  {tool:12s} window {r['window_s']:7.1f} s  export {r['export_s']:6.1f} s  total {r['total_s']:7.1f} s"
                   f"  peak RSS {r['peak_rss_mib']:6.0f} MiB")
-        print(f"  wall-time ratio nnunetv2/uniseg: {theirs['total_s'] / ours['total_s']:.2f}")
-        print("  Dice per class (uniseg vs nnunetv2): " + ", ".join(
-            f"{v}: {dice(ours['labels'], theirs['labels'], v):.4f}" for v in (1, 2)))
+        for tool, ours in results.items():
+            if tool == "nnunetv2":
+                continue
+            print(f"  {tool}: wall time {ours['total_s'] / theirs['total_s']:.2f}x nnU-Net v2's, peak RSS "
+                  f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x; Dice per class against nnU-Net v2: "
+                  + ", ".join(f"{v}: {dice(ours['labels'], theirs['labels'], v):.4f}" for v in (1, 2)))
 
 
 if __name__ == "__main__":

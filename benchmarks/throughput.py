@@ -19,8 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from uniseg_cli.allocator import tune_allocator
+
+tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT / "tests" / "data" / "example_ct.nii.gz"
@@ -43,14 +47,13 @@ def make_large_ct(path: Path) -> Path:
 
 
 def setup(prefix: str, *, large: bool) -> tuple[Path, Path, Path]:
-    """The benchmark process as `uniseg predict` runs: allocator kept; a seeded published-size model
-    folder and the input scan in a fresh work folder. Returns (work folder, model folder, scan)."""
+    """A seeded published-size model folder and the input scan in a fresh work folder.
+
+    Returns (work folder, model folder, scan)."""
     from uniseg_cli import save_model
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.runtime import keep_freed_memory
 
-    keep_freed_memory()
     work = Path(tempfile.mkdtemp(prefix=prefix))
     torch.manual_seed(0)
     model_dir = save_model(UniSeg(UniSegConfig()), work / "model")

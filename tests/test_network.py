@@ -140,23 +140,23 @@ def test_published_configuration_forward_equals_the_reference_on_the_real_ct(ct_
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
-def test_onednn_convolutions_give_the_same_logits_without_the_im2col_fallback(small_model, ct_patch):
+def test_inference_kernels_give_the_same_logits_without_the_im2col_fallback(small_model, ct_patch):
     """A one-patch inference of a small model must not fall back to slow_conv3d (9× slower), nor change
     the logits beyond summation order; outside inference (and under autocast) the plain path runs."""
-    from uniseg_cli.model.blocks import onednn_convolutions
+    from uniseg_cli.model.blocks import inference_kernels
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
     with torch.no_grad():
         plain = small_model(ct_patch, 1)
-        with onednn_convolutions(torch.device("cpu")), torch.profiler.profile() as prof:
+        with inference_kernels(torch.device("cpu")), torch.profiler.profile() as prof:
             fast = small_model(ct_patch, 1)
-        with onednn_convolutions(torch.device("cpu")), torch.autocast("cpu", dtype=torch.bfloat16):
+        with inference_kernels(torch.device("cpu")), torch.autocast("cpu", dtype=torch.bfloat16):
             assert small_model(ct_patch, 1).dtype == torch.bfloat16  # autocast still decides
     ops = {event.key for event in prof.key_averages()}
     assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
     assert torch.allclose(fast, plain, atol=1e-4)
-    with onednn_convolutions(torch.device("cpu")):
+    with inference_kernels(torch.device("cpu")):
         out = small_model(ct_patch, 1)  # gradients on: training keeps torch's own choice
     out.sum().backward()
     assert small_model.seg_outputs[-1].weight.grad is not None

@@ -6,15 +6,20 @@ import pytest
 import torch
 
 from uniseg_cli.errors import UsageError
-from uniseg_cli.runtime import keep_freed_memory, resolve_precision
+from uniseg_cli.runtime import resolve_precision
 from uniseg_cli.sliding_window import WindowOptions, sliding_window
 
 
-def test_auto_precision_is_fp32_on_cpu_and_fp16_on_cuda():
+def test_auto_precision_is_fp32_on_cpu_and_fp16_on_cuda_and_fast_adds_native_bf16():
+    from uniseg_cli.runtime import native_bf16_cpu
+
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+    assert resolve_precision("fast", torch.device("cuda")) == "fp16"
+    assert resolve_precision("fast", torch.device("cpu")) == ("bf16" if native_bf16_cpu() else "fp32")
+    assert resolve_precision("fast", torch.device("mps")) == "fp32"
+    with pytest.raises(UsageError, match="--precision must be one of auto, fast, fp32, bf16, fp16, got 'fp8'"):
         resolve_precision("fp8", torch.device("cpu"))
 
 
@@ -26,9 +31,33 @@ def test_bf16_window_accumulates_float32_close_to_fp32(small_model, ct_patch):
     assert (half - full).abs().max() < 0.05 and not torch.equal(half, full)
 
 
-def test_keeping_freed_memory_is_idempotent():
-    first = keep_freed_memory()
-    assert keep_freed_memory() == first
+def _allocator_in_fresh_process(env: dict[str, str], *, torch_first: bool = False) -> tuple[str, str]:
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n" + ("import torch\n" if torch_first else "")
+            + "from uniseg_cli.allocator import tune_allocator\n"
+            + "print(tune_allocator(), tune_allocator(), os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    out = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
+    first, second, variable, torch_loaded = out.stdout.split()
+    assert first == second  # chosen once per process
+    return first, variable
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc and transparent huge pages")
+def test_allocator_uses_huge_pages_when_offered_else_keeps_freed_memory():
+    from uniseg_cli.allocator import huge_pages_offered
+
+    chosen, variable = _allocator_in_fresh_process({})
+    if huge_pages_offered():
+        assert (chosen, variable) == ("huge-pages", "1")  # set before torch could read it
+    else:
+        assert chosen == "keep-freed" and variable == "None"
+    assert _allocator_in_fresh_process({"THP_MEM_ALLOC_ENABLE": "0"}) == ("keep-freed", "0")  # the user's choice
+    # once torch is loaded the switch can no longer take effect: keep freed memory instead
+    assert _allocator_in_fresh_process({}, torch_first=True) == ("keep-freed", "None")
 
 
 def test_accumulating_elsewhere_gives_the_same_probabilities(small_model, ct_patch):

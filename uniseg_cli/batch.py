@@ -37,7 +37,9 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
         refuse_overwriting_inputs(case, target)
     if output is not None and not (len(cases) == 1 and plan[0][1] == output):
         _ensure_folder(output)
-    log.info("%d case(s), task %s, model %s on %s", len(plan), key, model or "(default)", segmenter.device)
+    options = segmenter.window
+    log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key, model or "(default)",
+             segmenter.device, options.precision, "on" if options.mirror else "off", options.step)
     pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, emit=emit)
     with _Progress(enabled=progress and sys.stderr.isatty()) as bar, pipeline:
         skipped = {case.name for case, target in plan if skip_existing and target.exists()}

@@ -172,9 +172,23 @@ class Segmenter:
         else:
             tasks, merged = list(task), len(task) > 1
         legend, offsets = self.legend(tasks, merged=merged)
-        groups = [(group, *preprocess(data, tuple(spacing), axis_world, group[0].channels, group[0].target_spacing))
+        groups = [(group, *self._preprocess(data, tuple(spacing), axis_world, group[0], source=source))
                   for group in _group_by_preprocessing(tasks)]
         return NetworkInputs(tuple(data.shape[1:]), legend, offsets, groups)  # type: ignore[arg-type]
+
+    def _preprocess(self, data: np.ndarray, spacing: tuple[float, ...], axis_world: Sequence[int], task: Task, *,
+                    source: str) -> tuple[torch.Tensor, CropInfo]:
+        """Pre-processing on the GPU when the network runs on one (on the CPU if the GPU's memory is short);
+        on the CPU otherwise (MPS has no float64 for the z-score statistics)."""
+        arguments = (data, spacing, axis_world, task.channels, task.target_spacing)
+        if self.device.type != "cuda":
+            return preprocess(*arguments)
+        try:
+            return preprocess(*arguments, device=self.device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log.warning("%s: out of %s memory for pre-processing; doing it on the CPU", source, self.device)
+            return preprocess(*arguments)
 
     def run(self, inputs: NetworkInputs, *, probabilities: bool = False,
             on_tile: Callable[[int, int], None] | None = None) -> Prediction:
@@ -184,7 +198,7 @@ class Segmenter:
         saved: dict[str, np.ndarray] = {}
         for group, x, info in inputs.groups:
             slab_bytes = self._memory_budget(x, group, info, inputs.shape)
-            tensor = torch.from_numpy(x).to(self.device)
+            tensor = x.to(self.device)
             with torch.inference_mode():
                 outputs = self._window(tensor, [(t.id, t.num_classes) for t in group], on_tile)
                 for task_, probs in zip(group, outputs):
@@ -201,13 +215,13 @@ class Segmenter:
                     merged[hit] = labels[hit] + offset
         return Prediction(merged, inputs.legend, saved)
 
-    def _memory_budget(self, x: np.ndarray, group: Sequence[Task], info: CropInfo, shape: Sequence[int]) -> int:
+    def _memory_budget(self, x: torch.Tensor, group: Sequence[Task], info: CropInfo, shape: Sequence[int]) -> int:
         """The export slab size under ``max_memory``, after refusing a case whose arrays cannot fit."""
         if self.max_memory is None:
             return EXPORT_SLAB_BYTES
         padded = int(np.prod([max(s, p) for s, p in zip(x.shape[1:], self.model.config.patch_size)]))
         classes = sum(t.num_classes for t in group)
-        needed = (x.nbytes                                  # the network input
+        needed = (x.numel() * x.element_size()              # the network input
                   + (classes + 1) * padded * 4              # float32 accumulators and weights
                   + 2 * int(np.prod(shape)))                # the uint8 label map and the merged map
         if needed > self.max_memory:
@@ -293,7 +307,7 @@ class NetworkInputs:
     shape: tuple[int, int, int]
     legend: list[Label]
     offsets: dict[str, int]
-    groups: list[tuple[list[Task], np.ndarray, CropInfo]]
+    groups: list[tuple[list[Task], torch.Tensor, CropInfo]]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uniseg_cli.model.blocks import onednn_convolutions
+from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.runtime import precision_context
 
@@ -108,7 +108,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
         batch_corners = corners[first:first + options.batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
         x = torch.stack([padded[(slice(None), *w)] for w in windows])
-        with precision_context(options.precision, device), onednn_convolutions(device):
+        with precision_context(options.precision, device), inference_kernels(device):
             predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors)]
         for i, window in enumerate(windows):
             weights[window] += gaussian

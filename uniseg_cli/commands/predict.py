@@ -21,8 +21,8 @@ def predict(
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation over the 8 axis flips (default on, as published; off is 8x faster)."),
     step: Optional[float] = typer.Option(None, "--step", min=0.01, max=1.0, help="Tile step as a fraction of the patch size (default 0.5, as published: half-overlapping tiles); larger is faster."),
-    fast: bool = typer.Option(False, "--fast", help="Preset: --no-tta --step 0.75 (explicit --tta/--step still win). See the README for its speed and agreement."),
-    precision: str = typer.Option("auto", "--precision", metavar="auto|fp32|bf16|fp16", help="Network precision: auto = fp16 autocast on CUDA (measured to give the same label maps, Dice >= 0.99) and fp32 elsewhere; fp32 on CUDA also turns TF32 off."),
+    fast: bool = typer.Option(False, "--fast", help="Preset: --no-tta --step 0.75 --precision fast (explicit options still win). See the README for its speed and agreement."),
+    precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fast|fp32|bf16|fp16", help="Network precision. auto (default): fp16 autocast on CUDA (measured to give the same label maps) and fp32 elsewhere. fast (default with --fast): also bf16 on CPUs with native bf16 (about 2x faster). fp32 on CUDA also turns TF32 off."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Tiles per forward pass (more needs more memory; same result)."),
     save_probabilities: Optional[str] = typer.Option(None, "--save-probabilities", metavar="npz|nifti", help="Also write the task-class probabilities beside the label map: npz (float16) or nifti (float32)."),
     modality: Optional[str] = typer.Option(None, "--modality", help="With --task all on one-channel scans: CT or MR (default: CT if the scan has values below -500)."),
@@ -45,10 +45,13 @@ def predict(
       uniseg predict t1.nii.gz,t1ce.nii.gz,t2.nii.gz,flair.nii.gz --task brain_tumor -m uniseg-11task
       ls *.nii.gz | uniseg predict - --task liver -m uniseg-11task -o out/ --json > volumes.jsonl
     """
+    from uniseg_cli.allocator import tune_allocator
+
+    tune_allocator()  # before torch is imported: this process only, see uniseg_cli/allocator.py
     from uniseg_cli.batch import run_batch
     from uniseg_cli.errors import UsageError
     from uniseg_cli.predictor import PROBABILITY_FORMATS
-    from uniseg_cli.runtime import PRECISIONS, keep_freed_memory, parse_size
+    from uniseg_cli.runtime import PRECISIONS, parse_size
     from uniseg_cli.sliding_window import WindowOptions
 
     if quiet:
@@ -57,9 +60,9 @@ def predict(
         raise UsageError(f"--save-probabilities must be npz or nifti, got {save_probabilities!r}")
     if modality is not None and modality.upper() not in ("CT", "MR"):
         raise UsageError(f"--modality must be CT or MR, got {modality!r}")
+    precision = ("fast" if fast else "auto") if precision is None else precision
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    keep_freed_memory()  # this process only: avoids millions of page faults per forward pass
     tta = (not fast) if tta is None else tta
     step = (0.75 if fast else 0.5) if step is None else step
     stdin = sys.stdin if "-" in inputs else ()

@@ -22,32 +22,37 @@ LEAKY_SLOPE = 0.01
 Triple = tuple[int, int, int]
 
 
-_ONEDNN = contextvars.ContextVar("uniseg_onednn_convolutions", default=False)
+_INFERENCE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("uniseg_inference", default=None)
 
 
 @contextlib.contextmanager
-def onednn_convolutions(device: torch.device) -> Iterator[None]:
-    """Send every float32 CPU convolution of the network to oneDNN while inferring on ``device``.
+def inference_kernels(device: torch.device) -> Iterator[None]:
+    """Send every float32 CPU convolution to oneDNN while inferring on ``device`` (same result up to
+    summation order).
 
     PyTorch's heuristic runs a 3D convolution of one patch with few channels (a small model, or the
-    published model's coarsest stages) through its im2col fallback (``slow_conv3d``) instead of oneDNN:
-    9× slower for ``uniseg-demo`` (144 ms against 16 ms per 32×64×64 patch on 2 cores), the same result
-    up to summation order. Scoped to inference so that training, tracing and export see plain convolutions.
+    published model's coarsest stages) through its im2col fallback instead of oneDNN: 9× slower for
+    ``uniseg-demo`` (144 ms against 16 ms per 32×64×64 patch on 2 cores). Only where no gradients are
+    recorded: training, tracing and export see plain convolutions. (An in-place instance norm was tried
+    here too: 20% slower per published-size pass and no lower peak memory, so it is not used.)
     """
-    usable = device.type == "cpu" and torch.backends.mkldnn.is_available()
-    token = _ONEDNN.set(usable)
+    token = _INFERENCE.set(device)
     try:
         yield
     finally:
-        _ONEDNN.reset(token)
+        _INFERENCE.reset(token)
+
+
+def _inferring(x: torch.Tensor) -> bool:
+    return _INFERENCE.get() is not None and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` (same parameters and state-dict names) that honours ``onednn_convolutions``."""
+    """``nn.Conv3d`` (same parameters and state-dict names) that honours ``inference_kernels``."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (_ONEDNN.get() and x.dtype == torch.float32 and x.device.type == "cpu" and self.padding_mode == "zeros"
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+        if (_inferring(x) and x.device.type == "cpu" and self.padding_mode == "zeros"
+                and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
                                                      self.groups)
         return super()._conv_forward(x, weight, bias)
