@@ -150,7 +150,10 @@ class UniSeg(nn.Module):
             x = torch.cat([x, task_map], dim=1)
         outputs = []
         for u, (up, local, head) in enumerate(zip(self.tu, self.conv_blocks_localization, self.seg_outputs)):
-            x = local(torch.cat([up(x), skips[-(u + 1)]], dim=1))
+            first, *rest = [block for stack in local for block in stack.blocks]
+            x = first.forward_concatenated(up(x), skips[-(u + 1)])
+            for block in rest:
+                x = block(x)
             if self.training and self.deep_supervision or u == len(self.tu) - 1:
                 outputs.append(head(x))
         if self.training and self.deep_supervision:
