@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks for a CUDA machine (not a test; run by hand): the GPU-relevant tests, then throughput of the
-# real predictor on the realistic-size CT (precisions, TTA, batching, --task all).
+# real predictor on the realistic-size CT (precisions, TTA, batching, --task all), then training throughput
+# of the published configuration with AMP.
 # Usage: OUT=results bash benchmarks/device_check.sh   (writes $OUT/device_check.log and $OUT/throughput.json)
 set -uo pipefail
 OUT=${OUT:-.}
@@ -13,3 +14,4 @@ python3 -m pytest -q -p no:cacheprovider tests/test_network.py tests/test_slidin
 python3 benchmarks/throughput.py --device cuda --large --json "$OUT/throughput.json" \
     --settings ${SETTINGS:-tta,tta-fp16,tta-bf16,fp32,fp16,batch4,all}
 python3 benchmarks/batch_pipeline.py --device cuda --large --cases 4 --tta
+python3 benchmarks/train_throughput.py --preset published --device cuda --workers 8

@@ -1,7 +1,8 @@
 """uniseg's sliding window + export against nnU-Net v2's predictor, same weights and input (not a test).
 
 Needs nnunetv2 in the environment (`pip install nnunetv2`). Both tools get the same network (the
-published configuration, seeded random weights, or `--model DIR`), the same pre-processed input
+published configuration, seeded random weights, or `--model DIR`; for nnU-Net v2 computed as published,
+with the decoder's concatenations, and with torch's default kernels), the same pre-processed input
 (uniseg's pre-processing of the real CT at the kidney task's spacing) and the same settings (step
 0.5, Gaussian weighting, mirroring on or off). Each run happens in a fresh process so that its peak
 RSS is its own. Printed: seconds of sliding window and of export (resampling back + argmax), peak RSS,
@@ -11,7 +12,7 @@ nnU-Net v2 accumulates logits (float16) and averages logits over mirrors; uniseg
 UniSeg (nnU-Net v1) pipeline and averages softmax probabilities in float32, so the maps can differ
 slightly; the Dice says by how much.
 
-    python benchmarks/predict_vs_nnunet.py [--model DIR] [--cases small,tile-tta,large]
+    python benchmarks/predict_vs_nnunet.py [--model DIR] [--cases small,tile-tta,large,huge] [--precision fp32,bf16]
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def run_one(tool: str, model_dir: str, run: dict, out: str) -> None:
             labels = labels_from_probabilities(probs, info)[0].numpy()
     else:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        from uniseg_cli.model.blocks import ConvBlock
+
+        # nnU-Net v2 gets the network as published (and as nnU-Net builds its decoders): each decoder
+        # stage convolves the concatenation of upsampled and skip features; uniseg splits that convolution.
+        ConvBlock.forward_concatenated = lambda self, a, b: self.forward(torch.cat([a, b], dim=1))
         from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
         class TaskBound(torch.nn.Module):

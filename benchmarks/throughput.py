@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--large", action="store_true", help="use the CT resampled to 0.8 × 0.8 × 1.5 mm")
     parser.add_argument("--settings", default="fp32,bf16,fast,batch2,all",
-                        help="comma-separated: fp32, bf16, fp16, fast, batch2, batch4, all, tta (fp32 + TTA), "
+                        help="comma-separated: fp32, bf16, fp16, fast, fast-fp32, batch2, batch4, all, tta (fp32 + TTA), "
                              "tta-bf16, tta-fp16")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -133,7 +133,8 @@ def main() -> None:
         "fp32": ("kidney", WindowOptions(mirror=False)),
         "bf16": ("kidney", WindowOptions(mirror=False, precision="bf16")),
         "fp16": ("kidney", WindowOptions(mirror=False, precision="fp16")),
-        "fast": ("kidney", WindowOptions(mirror=False, step=0.75)),
+        "fast": ("kidney", WindowOptions(mirror=False, step=0.75, precision="fast")),  # the --fast preset
+        "fast-fp32": ("kidney", WindowOptions(mirror=False, step=0.75)),
         "batch2": ("kidney", WindowOptions(mirror=False, batch_size=2)),
         "batch4": ("kidney", WindowOptions(mirror=False, batch_size=4)),
         "all": ("all", WindowOptions(mirror=False)),

@@ -152,3 +152,13 @@ def test_slab_export_equals_whole_volume_export(shape_from, shape_to, spacing, t
     assert labels.shape == shape_to and kept.shape == (3, *shape_to) and kept.dtype == np.float16
     np.testing.assert_allclose(kept.astype(np.float32), whole.numpy(), atol=1e-3)   # float16 storage
     assert (labels == argmax_classes(whole)).float().mean() > 0.9999                # rounding-order near-ties only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_preprocess_on_the_gpu_equals_the_cpu(ct_volume):
+    kidney = resolve_task("kidney")
+    arguments = (ct_volume[None].copy(), (3.0, 3.0, 3.0), (2, 1, 0), kidney.channels, kidney.target_spacing)
+    on_cpu, _ = preprocess(*arguments)
+    on_gpu, _ = preprocess(*arguments, device="cuda")
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-5, rtol=0)

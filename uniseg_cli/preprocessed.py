@@ -162,6 +162,13 @@ def _stored_check(folder: Path, name: str) -> CaseCheck:
     return CaseCheck(name, tuple(props["shape"]), tuple(props["axial_spacing"]), tuple(props["foreground_values"]))  # type: ignore[arg-type]
 
 
+def _one_thread() -> None:
+    """Worker processes share the cores: one torch thread each (resampling runs in torch)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _write_plan(output: Path, plan: dict[str, Any]) -> None:
     path = output / PLAN_NAME
     if path.exists():
@@ -188,7 +195,8 @@ def _map(function: Any, jobs: list[tuple[Any, ...]], workers: int, what: str, pr
                 advance(1)
             return results
         # spawn: workers start clean instead of inheriting a forked copy of a threaded parent (torch, OpenMP)
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_one_thread) as pool:
             futures = [pool.submit(function, *job) for job in jobs]
             results = []
             for future in futures:

@@ -1,0 +1,77 @@
+"""One published-size forward pass (64×192×192) as the sliding window runs it: seconds, FLOP/s, and where
+the time goes (not a test).
+
+The published configuration with seeded random weights, the allocator `uniseg predict` uses, inference
+mode and uniseg's inference kernels; one warm-up pass, then the median of `--passes` timed passes per
+precision, and one profiled pass that splits the time into convolutions and everything else.
+
+    python benchmarks/forward_profile.py [--precisions fp32,bf16] [--passes 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from uniseg_cli.allocator import tune_allocator
+
+tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
+
+import torch  # noqa: E402
+
+CONVOLUTIONS = ("aten::mkldnn_convolution", "aten::slow_conv3d_forward", "aten::slow_conv_transpose3d",
+                "aten::cudnn_convolution", "aten::cudnn_convolution_transpose", "aten::_convolution")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    from throughput import flops_per_forward
+
+    from uniseg_cli.config import UniSegConfig
+    from uniseg_cli.model.blocks import inference_kernels
+    from uniseg_cli.model.network import UniSeg
+    from uniseg_cli.runtime import precision_context
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = UniSeg(UniSegConfig()).to(device).eval()
+    x = torch.randn(1, 1, *model.config.patch_size, device=device)
+    flops = flops_per_forward(model.config)
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; one forward "
+          f"{flops / 1e12:.3f} TFLOP")
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for precision in args.precisions.split(","):
+        with torch.inference_mode(), precision_context(precision, device), inference_kernels(device):
+            model(x, 1)
+            times = []
+            for _ in range(args.passes):
+                synchronize()
+                start = time.perf_counter()
+                model(x, 1)
+                synchronize()
+                times.append(time.perf_counter() - start)
+            with torch.profiler.profile() as profile:
+                model(x, 1)
+                synchronize()
+        events = profile.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        convolution = sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTIONS)
+        seconds = statistics.median(times)
+        print(f"{precision}: {seconds:.2f} s per pass (of {', '.join(f'{t:.2f}' for t in times)}), "
+              f"{flops / seconds / 1e12:.3f} TFLOP/s; convolutions {100 * convolution / total:.0f}% of the "
+              f"profiled time, {flops / (seconds * convolution / total) / 1e12:.3f} TFLOP/s while convolving",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
