@@ -95,3 +95,30 @@ def test_out_of_accelerator_memory_falls_back_to_cpu_accumulation_only(coarse_mo
     with pytest.raises(torch.OutOfMemoryError):   # on the CPU there is nothing to fall back to
         segmenter.predict_array(ct_volume, (3.0, 3.0, 3.0), "spleen")
     assert calls == [None]
+
+
+def test_preprocessing_runs_on_the_gpu_and_falls_back_to_the_cpu_when_its_memory_is_short(
+        coarse_model_dir, ct_volume, monkeypatch, caplog):
+    import uniseg_cli.predictor as predictor
+    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.preprocessing import preprocess
+
+    segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
+    devices = []
+
+    def gpu_without_room(*arguments, device="cpu"):
+        devices.append(str(device))
+        if device != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return preprocess(*arguments)
+
+    monkeypatch.setattr(predictor, "preprocess", gpu_without_room)
+    prepared = segmenter.prepare_array(ct_volume, (3.0, 3.0, 3.0), "spleen")
+    assert devices == ["cpu"]                                  # a CPU network: pre-processing on the CPU
+    segmenter.device = torch.device("cuda")                     # as if the network ran on a GPU
+    devices.clear()
+    with caplog.at_level("WARNING", logger="uniseg_cli"):
+        again = segmenter.prepare_array(ct_volume, (3.0, 3.0, 3.0), "spleen")
+    assert devices == ["cuda", "cpu"]                          # tried on the GPU first, then the CPU
+    assert "out of cuda memory for pre-processing; doing it on the CPU" in caplog.text
+    assert torch.equal(again.groups[0][1], prepared.groups[0][1])
