@@ -22,7 +22,7 @@ def predict(
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation over the 8 axis flips (default on, as published; off is 8x faster)."),
     step: Optional[float] = typer.Option(None, "--step", min=0.01, max=1.0, help="Tile step as a fraction of the patch size (default 0.5, as published: half-overlapping tiles); larger is faster."),
     fast: bool = typer.Option(False, "--fast", help="Preset: --no-tta --step 0.75 --precision fast (explicit options still win). See the README for its speed and agreement."),
-    precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fast|fp32|bf16|fp16", help="Network precision. auto (default): fp16 autocast on CUDA (measured to give the same label maps) and fp32 elsewhere. fast (default with --fast): also bf16 on CPUs with native bf16 (about 2x faster). fp32 on CUDA also turns TF32 off."),
+    precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fast|fp32|bf16|fp16", help="Network precision. auto (default): fp16 autocast on CUDA (measured to give the same label maps) and fp32 elsewhere. fast (default with --fast): also bf16 on CPUs with native bf16 (2.6x faster per pass on our test CPU). fp32 on CUDA also turns TF32 off."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Tiles per forward pass (more needs more memory; same result)."),
     save_probabilities: Optional[str] = typer.Option(None, "--save-probabilities", metavar="npz|nifti", help="Also write the task-class probabilities beside the label map: npz (float16) or nifti (float32)."),
     modality: Optional[str] = typer.Option(None, "--modality", help="With --task all on one-channel scans: CT or MR (default: CT if the scan has values below -500)."),
