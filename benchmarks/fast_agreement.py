@@ -21,7 +21,7 @@ from uniseg_cli.allocator import tune_allocator
 
 tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
 
-import numpy as np  # noqa: E402
+from measures import dice  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -49,12 +49,6 @@ def cases() -> list[tuple[str, list[Path], tuple[str, ...]]]:
             found.append((f"{case} MR ({note})", [folder / f"{case}_{s}_bet.nii.gz" for s in SEQUENCES],
                           ("brain_tumor",)))
     return found
-
-
-def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
-    x, y = a == value, b == value
-    denominator = int(x.sum()) + int(y.sum())
-    return 1.0 if denominator == 0 else 2 * int((x & y).sum()) / denominator
 
 
 def main() -> None:

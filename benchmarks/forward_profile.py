@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from throughput import flops_per_forward
+    from measures import flops_per_forward
 
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.model.blocks import inference_kernels

@@ -34,6 +34,7 @@ if "--run-one" in sys.argv and sys.argv[sys.argv.index("--run-one") + 1] == "uni
 
 import numpy as np
 import torch
+from measures import dice
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT / "tests" / "data" / "example_ct.nii.gz"
@@ -149,12 +150,6 @@ def peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
-    x, y = a == value, b == value
-    denominator = x.sum() + y.sum()
-    return 1.0 if denominator == 0 else 2 * float((x & y).sum()) / float(denominator)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ tune_allocator()  # what `uniseg predict` does in its process, before torch is i
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from measures import dice, flops_per_forward  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT / "tests" / "data" / "example_ct.nii.gz"
@@ -58,25 +59,6 @@ def setup(prefix: str, *, large: bool) -> tuple[Path, Path, Path]:
     torch.manual_seed(0)
     model_dir = save_model(UniSeg(UniSegConfig()), work / "model")
     return work, model_dir, make_large_ct(work / "large_ct.nii.gz") if large else CT
-
-
-def flops_per_forward(config) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from uniseg_cli.model.network import UniSeg
-
-    with torch.device("meta"):
-        model = UniSeg(config).eval()
-        x = torch.empty(1, 1, *config.patch_size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, 1)
-    return float(counter.get_total_flops())
-
-
-def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
-    x, y = a == value, b == value
-    total = int(x.sum()) + int(y.sum())
-    return 1.0 if total == 0 else 2 * int((x & y).sum()) / total
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.preprocessed import TaskData, preprocess_datasets
 from uniseg_cli.tasks import Task
-from uniseg_cli.training.trainer import TrainOptions, TrainResult, Trainable, train
+from uniseg_cli.training.trainer import (
+    SPLITS_NAME, TrainOptions, TrainResult, Trainable, read_splits, select_fold, train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +205,10 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
     from uniseg_cli.predictor import Segmenter
     from uniseg_cli.sliding_window import WindowOptions
 
-    splits = json.loads((output / "splits.json").read_text(encoding="utf-8"))[data.task.key]
-    if options.fold == "all" or not splits[int(options.fold) % len(splits)]["val"]:
+    [(_, held_out)] = select_fold(read_splits(output / SPLITS_NAME, [data]), [data], options.fold)
+    if not held_out:
         log.info("no held-out cases (fold %s): no evaluation.json", options.fold)
         return None
-    held_out = splits[int(options.fold) % len(splits)]["val"]
     segmenter = Segmenter(output, device=options.device, window=WindowOptions(mirror=tta))
     cases: list[CaseScores] = []
     for name in held_out:

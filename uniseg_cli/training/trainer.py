@@ -40,6 +40,7 @@ from uniseg_cli.model.files import save_model, write_weights
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.preprocessed import TaskData, read_plan
 from uniseg_cli.progress import counting_bar
+from uniseg_cli.runtime import resolve_precision
 from uniseg_cli.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.training.augment import augment_batch
 from uniseg_cli.training.loss import deep_supervision_loss
@@ -449,6 +450,7 @@ def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Se
     A class absent from both prediction and reference in every case has no Dice (None).
     """
     model.eval()
+    window = WindowOptions(step=0.5, mirror=False, precision=resolve_precision("auto", device))
     try:
         result = {}
         for data, names in zip(tasks, cases):
@@ -458,9 +460,7 @@ def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Se
             fn = np.zeros(task.num_classes)
             for name in names:
                 image = torch.from_numpy(np.array(data.image(name))).to(device)
-                precision = "fp16" if device.type == "cuda" else "fp32"
-                probabilities = sliding_window(model, image, [(task.id, task.num_classes)],
-                                               WindowOptions(step=0.5, mirror=False, precision=precision))[0]
+                probabilities = sliding_window(model, image, [(task.id, task.num_classes)], window)[0]
                 predicted = probabilities.argmax(0).cpu().numpy()
                 reference = np.asarray(data.labels(name))
                 for c in range(1, task.num_classes):
