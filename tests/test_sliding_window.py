@@ -90,3 +90,23 @@ def test_encoder_and_fusion_run_once_per_tile_for_several_tasks(small_model, ct_
     with torch.inference_mode():
         sliding_window(small_model, ct_patch[0], [(0, 3), (1, 3), (6, 2)], WindowOptions(mirror=False))
     assert calls == {"encoder": 1, "fusion": 1, "decoder": 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tile_loop_never_waits_for_the_gpu(small_model, ct_volume):
+    """The host queues every tile without synchronising (no ``.item()``, no copy back per tile): torch
+    raises on any synchronising call in "error" sync-debug mode."""
+    import copy
+
+    model = copy.deepcopy(small_model).cuda()
+    data = torch.from_numpy(np.clip(ct_volume[30:80, 10:90, 20:110], -325, 325) / 650 + 0.5)[None].float().cuda()
+    options = WindowOptions(mirror=True, step=0.5, precision="fp16")
+    with torch.inference_mode():
+        sliding_window(model, data, [(0, 3), (6, 2)], options)  # warm-up: lazy CUDA and cuDNN set-up syncs
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outputs = sliding_window(model, data, [(0, 3), (6, 2)], options)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert [tuple(o.shape) for o in outputs] == [(3, 50, 80, 90), (2, 50, 80, 90)] and outputs[0].is_cuda

@@ -57,6 +57,13 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -
     return _gaussian_numpy(tuple(int(p) for p in patch_size), float(sigma_scale)).copy()
 
 
+@functools.lru_cache(maxsize=4)
+def _gaussian_on(patch_size: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The map already on the accumulation device: copied there once per process, not once per case (a copy
+    from pageable memory makes the host wait for the GPU). Read-only for its callers."""
+    return torch.from_numpy(gaussian_importance(patch_size)).to(device)
+
+
 def pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Zero-pad the spatial axes of ``(c, z, y, x)`` up to the patch size, split evenly like nnU-Net."""
     pads, crop = [], []
@@ -99,7 +106,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
     padded, crop = pad_to_patch(data, patch)
     device = padded.device
     results = accumulate_on or device
-    gaussian = torch.from_numpy(gaussian_importance(patch)).to(results)
+    gaussian = _gaussian_on(tuple(patch), torch.device(results))
     sums = [torch.zeros((k, *padded.shape[1:]), dtype=torch.float32, device=results) for _, k in tasks]
     weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=results)
     corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
