@@ -135,6 +135,7 @@ def test_probabilities_shards_and_resume(run_cli, coarse_model_dir, scan_folder,
     results = [json.loads(line) for line in stdout.splitlines()]
     assert code == 0 and [(r["case"], r.get("skipped", False)) for r in results] == [
         ("a", False), ("b", True), ("c", False)]
+    assert sorted(results[1]) == ["case", "inputs", "output", "skipped", "task"]
 
 
 def test_python_api_segments_an_array(coarse_model_dir, ct_volume):

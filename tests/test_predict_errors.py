@@ -89,6 +89,23 @@ def test_unwritable_output_folder(run_cli, coarse_model_dir, tmp_path):
     blocker.write_text("not a folder")
     code, _, err = run_cli("predict", CT, "-t", "kidney", "-m", coarse_model_dir, "-o", blocker / "out")
     assert code == 1 and _one_error_line(err).startswith(f"Error: {blocker / 'out'}: cannot create the output folder")
+    code, _, err = run_cli("predict", CT, "-t", "kidney", "-m", coarse_model_dir, "-o", blocker / "k.nii.gz")
+    assert code == 1 and _one_error_line(err) == f"Error: {blocker}: exists and is not a folder"
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(tmp_path):
+    from uniseg_cli.atomic import atomic_file
+    from uniseg_cli.errors import UnisegError
+
+    target = tmp_path / "k.nii.gz"
+    with pytest.raises(UnisegError, match=f"^{target}: cannot write \\(No space left on device\\)$"):
+        with atomic_file(target, suffix=".nii.gz") as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(28, "No space left on device", str(tmp))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UnisegError, match=f"^{tmp_path / 'gone' / 'k.nii.gz'}: cannot write here"):
+        with atomic_file(tmp_path / "gone" / "k.nii.gz"):
+            pass
 
 
 def test_some_cases_fail_others_are_written(run_cli, coarse_model_dir, tmp_path, out):
@@ -102,6 +119,7 @@ def test_some_cases_fail_others_are_written(run_cli, coarse_model_dir, tmp_path,
     results = {r["case"]: r for r in map(json.loads, stdout.splitlines())}
     assert list(results) == ["example_ct", "broken"]          # reported in input order
     assert "error" not in results["example_ct"] and results["broken"]["error"].startswith(f"{broken}: cannot read")
+    assert sorted(results["broken"]) == ["case", "error", "inputs", "task"]  # no labels, time or device
     assert _outputs(out) == ["example_ct_spleen.nii.gz"]
     # A failure while the next case is prefetched does not disturb it, nor the order.
     shutil.copy(CT, tmp_path / "ct2.nii.gz")

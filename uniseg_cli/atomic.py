@@ -39,15 +39,32 @@ def atomic_file(dest: str | Path, *, suffix: str = "") -> Iterator[Path]:
     ``suffix`` keeps the ending that writers choose their format by (``.nii.gz``, ``.npz``).
     """
     dest = Path(dest)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".partial{suffix}", dir=dest.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".partial{suffix}", dir=dest.parent)
+    except OSError as exc:
+        raise UnisegError(f"{dest}: cannot write here ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         publish(tmp, dest)
+    except OSError as exc:  # full disk, quota: name the output, not the temporary file
+        tmp.unlink(missing_ok=True)
+        raise UnisegError(f"{dest}: cannot write ({exc.strerror or exc})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_folder(folder: str | Path) -> None:
+    """Create an output folder and its parents, or refuse in one line naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UnisegError(f"{folder}: exists and is not a folder") from None
+    except OSError as exc:
+        raise UnisegError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
 
 
 def write_text(dest: str | Path, text: str) -> None:
@@ -69,8 +86,8 @@ def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[P
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise UnisegError(f"{dest}: folder exists and is not empty (use --force to replace it)")
     parent = dest.parent
+    make_folder(parent)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
     except OSError as exc:
         raise UnisegError(f"{dest}: cannot create the output folder ({exc.strerror or exc})") from None

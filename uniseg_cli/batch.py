@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from uniseg_cli.atomic import make_folder
 from uniseg_cli.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.errors import UnisegError, UsageError, first_line
 from uniseg_cli.predictor import CaseResult, Prediction, PreparedCase, Segmenter
@@ -36,7 +37,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     for case, target in plan:
         refuse_overwriting_inputs(case, target)
     if output is not None and not (len(cases) == 1 and plan[0][1] == output):
-        _ensure_folder(output)
+        make_folder(output)
     options = segmenter.window
     log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key, model or "(default)",
              segmenter.device, options.precision, "on" if options.mirror else "off", options.step)
@@ -153,13 +154,6 @@ def _finished(value: object) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
-
-
-def _ensure_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UnisegError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniseg_cli.atomic import atomic_file
+from uniseg_cli.atomic import atomic_file, make_folder
 from uniseg_cli.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
@@ -72,7 +72,10 @@ class CaseResult:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """Only what happened: a failed or skipped case has no labels, time or device."""
         data = asdict(self)
+        if self.error is not None or self.skipped:
+            data.update(labels=None, seconds=None, device=None)
         return {k: v for k, v in data.items() if v is not None and not (k == "skipped" and not v)}
 
 
@@ -286,7 +289,7 @@ class Segmenter:
                    probabilities: str | None = None) -> CaseResult:
         """Write the label map (and probabilities) on the input's grid; the record ``--json`` prints."""
         output, geometry, case = prepared.output, prepared.geometry, prepared.case
-        output.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(output.parent)
         write_array(output, prediction.labels, geometry)
         probability_path = None
         if probabilities is not None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from uniseg_cli.atomic import atomic_file, write_text
+from uniseg_cli.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.datasets import (
     CaseCheck, Dataset, DatasetError, TrainingCase, attach_task, check_case, default_task_key, known_key, label_classes,
     median_spacing, parse_dataset_spec, read_dataset, renumber,
@@ -179,7 +179,7 @@ def _write_plan(output: Path, plan: dict[str, Any]) -> None:
         if old != plan:
             raise UsageError(f"{output}: holds a pre-processing of other datasets or tasks; use another output folder")
         return
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     write_text(path, json.dumps(plan, indent=2) + "\n")
 
 

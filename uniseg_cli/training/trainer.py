@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from uniseg_cli.atomic import atomic_file, write_text
+from uniseg_cli.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
@@ -336,7 +336,7 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     if dist_info.main:
-        output.mkdir(parents=True, exist_ok=True)
+        make_folder(output)
         write_text(output / SPLITS_NAME, json.dumps(splits, indent=2) + "\n")
         write_text(output / "config.json", config.to_json())
     records = _read_log(output / LOG_NAME, before=start_epoch) if state is not None else []
