@@ -32,9 +32,9 @@ def inference_kernels(device: torch.device) -> Iterator[None]:
 
     PyTorch's heuristic runs a 3D convolution of one patch with few channels (a small model, or the
     published model's coarsest stages) through its im2col fallback instead of oneDNN: 9× slower for
-    ``uniseg-demo`` (144 ms against 16 ms per 32×64×64 patch on 2 cores). Only where no gradients are
-    recorded: training, tracing and export see plain convolutions. (An in-place instance norm was tried
-    here too: 20% slower per published-size pass and no lower peak memory, so it is not used.)
+    ``uniseg-demo`` (144 ms against 16 ms per 32×64×64 patch on 2 cores). CPU blocks also normalise
+    their convolution's output in place (``norm_activation``). Only where no gradients are recorded:
+    training, tracing and export see plain modules.
     """
     token = _INFERENCE.set(device)
     try:
@@ -58,6 +58,25 @@ class Conv3d(nn.Conv3d):
         return super()._conv_forward(x, weight, bias)
 
 
+def norm_activation(y: torch.Tensor, norm: nn.InstanceNorm3d, activation: nn.LeakyReLU) -> torch.Tensor:
+    """``activation(norm(y))`` for a fresh convolution output ``y``; in CPU inference, in ``y``'s memory.
+
+    The instance norm is the kernel ``F.instance_norm`` calls (batch norm over batch × channels, the
+    same values bit for bit) writing into its input, so a block allocates one activation instead of
+    two: half the fresh memory the kernel must fault in and zero on every pass.
+    """
+    if _INFERENCE.get() is None or torch.is_grad_enabled() or y.device.type != "cpu" or not y.is_contiguous():
+        return activation(norm(y))
+    batch, channels = y.shape[:2]
+    flat = y.view(1, batch * channels, *y.shape[2:])
+    weight = None if norm.weight is None else norm.weight.repeat(batch)
+    bias = None if norm.bias is None else norm.bias.repeat(batch)
+    statistics = [torch.empty(batch * channels, device=y.device) for _ in range(2)]
+    torch.ops.aten.native_batch_norm.out(flat, weight, bias, None, None, True, 0.0, norm.eps,
+                                         out=flat, save_mean=statistics[0], save_invstd=statistics[1])
+    return torch.nn.functional.leaky_relu_(y, activation.negative_slope)
+
+
 def _padding(kernel: Triple) -> Triple:
     # Kernels are 1 or 3 per axis: padding k // 2 keeps the shape (up to the stride).
     return tuple(k // 2 for k in kernel)  # type: ignore[return-value]
@@ -73,7 +92,7 @@ class ConvBlock(nn.Module):
         self.lrelu = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lrelu(self.instnorm(self.conv(x)))
+        return norm_activation(self.conv(x), self.instnorm, self.lrelu)
 
     def forward_concatenated(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``forward(torch.cat([a, b], 1))`` without the concatenation: a convolution is a sum over its
@@ -85,7 +104,7 @@ class ConvBlock(nn.Module):
         y = self.conv._conv_forward(a, weight[:, :split], self.conv.bias)
         del a
         y += self.conv._conv_forward(b, weight[:, split:], None)
-        return self.lrelu(self.instnorm(y))
+        return norm_activation(y, self.instnorm, self.lrelu)
 
 
 class MultiInputConvBlock(nn.Module):
@@ -108,7 +127,7 @@ class MultiInputConvBlock(nn.Module):
         if channels not in self.in_channel_options:
             options = ", ".join(map(str, self.in_channel_options))
             raise InputShapeError(f"the model takes {options} input channels, got {channels}")
-        return self.lrelu(self.instnorm(getattr(self, f"conv_{channels}")(x)))
+        return norm_activation(getattr(self, f"conv_{channels}")(x), self.instnorm, self.lrelu)
 
 
 class StackedConvBlocks(nn.Module):
