@@ -24,6 +24,19 @@ def test_saved_folder_loads_in_eval_mode_with_identical_outputs(tmp_path, small_
     assert torch.equal(load_model(folder / "model.safetensors").intermedia_prompt, small_model.intermedia_prompt)
 
 
+def test_loading_a_model_does_not_import_the_compiler_stack(tmp_path, small_model):
+    """Loading builds the network on the meta device; drawing random initial weights there imported
+    torch's compiler stack (about 1 s of every ``uniseg predict``)."""
+    import subprocess
+    import sys
+
+    folder = save_model(small_model, tmp_path / "model")
+    code = ("import sys; from uniseg_cli import load_model; load_model(sys.argv[1]); "
+            "print(sorted(m for m in ('torch._dynamo', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_weights_that_do_not_match_the_config_are_refused(tmp_path, small_model):
     folder = save_model(small_model, tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
