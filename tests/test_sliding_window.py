@@ -82,6 +82,20 @@ def test_tasks_sharing_the_encoder_and_batched_tiles_change_nothing(small_model,
     assert float(together[0].sum(0).max()) <= 1 + 1e-5
 
 
+@pytest.mark.parametrize("mirror,batch_size", [(True, 1), (True, 3), (False, 2)])
+def test_progress_counts_every_pass_over_a_tile(small_model, ct_volume, mirror, batch_size):
+    data = torch.from_numpy(np.clip(ct_volume[30:80, 10:90, 20:110], -325, 325) / 650 + 0.5)[None].float()
+    tiles = np.prod([len(s) for s in tile_starts(data.shape[1:], small_model.config.patch_size, 0.5)])
+    reports = []
+    with torch.inference_mode():
+        sliding_window(small_model, data, [(1, 3)], WindowOptions(mirror=mirror, batch_size=batch_size),
+                       on_progress=lambda done, total: reports.append((done, total)))
+    passes = tiles * (8 if mirror else 1)
+    assert {total for _, total in reports} == {passes} and reports[-1][0] == passes
+    assert len(reports) == -(-tiles // batch_size) * (8 if mirror else 1)  # one report per mirror of a batch
+    assert all(a < b for (a, _), (b, _) in zip(reports, reports[1:]))
+
+
 def test_encoder_and_fusion_run_once_per_tile_for_several_tasks(small_model, ct_patch):
     calls = {"encoder": 0, "fusion": 0, "decoder": 0}
     small_model.conv_blocks_context[0].register_forward_hook(lambda *_: calls.__setitem__("encoder", calls["encoder"] + 1))

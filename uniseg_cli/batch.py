@@ -59,7 +59,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
             bar.start(case.name)
             try:
                 prediction = segmenter.run(prepared.inputs, probabilities=probabilities is not None,
-                                           on_tile=bar.update)
+                                           on_progress=bar.update)
             except CASE_ERRORS as exc:
                 pipeline.failed(case, exc)
             else:
@@ -163,7 +163,8 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Progress:
-    """A rich progress bar over the tiles of the current case, on stderr, only on a terminal."""
+    """A rich progress bar over the network passes (tiles × mirrors) of the current case, with the time
+    left, on stderr, only on a terminal."""
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
@@ -173,10 +174,12 @@ class _Progress:
     def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                                      TextColumn("passes"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                      console=Console(stderr=True), transient=True)
             self._progress.__enter__()
         return self
 

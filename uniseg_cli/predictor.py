@@ -153,14 +153,14 @@ class Segmenter:
     def predict_array(self, data: np.ndarray, spacing: Sequence[float], task: str | Sequence[Task], *,
                       axis_world: Sequence[int] = (2, 1, 0), probabilities: bool = False, source: str = "array",
                       modality: str | None = None,
-                      on_tile: Callable[[int, int], None] | None = None) -> Prediction:
+                      on_progress: Callable[[int, int], None] | None = None) -> Prediction:
         """Segment a ``(channels, z, y, x)`` (or ``(z, y, x)``) array with ``spacing`` (z, y, x) in mm.
 
         ``axis_world`` says which world axis each array axis runs along (0 L-R, 1 A-P, 2 S-I); the
         default is an axially stored scan.
         """
         inputs = self.prepare_array(data, spacing, task, axis_world=axis_world, source=source, modality=modality)
-        return self.run(inputs, probabilities=probabilities, on_tile=on_tile)
+        return self.run(inputs, probabilities=probabilities, on_progress=on_progress)
 
     def prepare_array(self, data: np.ndarray, spacing: Sequence[float], task: str | Sequence[Task], *,
                       axis_world: Sequence[int] = (2, 1, 0), source: str = "array",
@@ -194,7 +194,7 @@ class Segmenter:
             return preprocess(*arguments)
 
     def run(self, inputs: NetworkInputs, *, probabilities: bool = False,
-            on_tile: Callable[[int, int], None] | None = None) -> Prediction:
+            on_progress: Callable[[int, int], None] | None = None) -> Prediction:
         """The network half: sliding window per group, probabilities back to the input grid, merged labels."""
         single = sum(len(group) for group, _, _ in inputs.groups) == 1
         merged = None if single else np.zeros(inputs.shape, dtype=np.uint8)
@@ -203,7 +203,7 @@ class Segmenter:
             slab_bytes = self._memory_budget(x, group, info, inputs.shape)
             tensor = x.to(self.device)
             with torch.inference_mode():
-                outputs = self._window(tensor, [(t.id, t.num_classes) for t in group], on_tile)
+                outputs = self._window(tensor, [(t.id, t.num_classes) for t in group], on_progress)
                 for task_, probs in zip(group, outputs):
                     labels_t, p = labels_from_probabilities(probs, info, keep=probabilities, slab_bytes=slab_bytes)
                     labels = uncrop(labels_t.cpu().numpy(), info)
@@ -236,11 +236,11 @@ class Segmenter:
         return max(row, min(EXPORT_SLAB_BYTES, self.max_memory - needed))
 
     def _window(self, tensor: torch.Tensor, tasks: list[tuple[int, int]],
-                on_tile: Callable[[int, int], None] | None) -> list[torch.Tensor]:
+                on_progress: Callable[[int, int], None] | None) -> list[torch.Tensor]:
         """The sliding window; if the accelerator runs out of memory for the accumulation, the case is
         redone with the accumulation (not the network) on the CPU, with a warning."""
         try:
-            return sliding_window(self.model, tensor, tasks, self.window, on_tile=on_tile)
+            return sliding_window(self.model, tensor, tasks, self.window, on_progress=on_progress)
         except torch.OutOfMemoryError:
             if self.device.type == "cpu":
                 raise
@@ -248,7 +248,7 @@ class Segmenter:
                 torch.cuda.empty_cache()
             log.warning("out of %s memory for a %s volume: accumulating on the CPU (slower; the network stays "
                         "on %s)", self.device, "×".join(map(str, tensor.shape[1:])), self.device)
-            return sliding_window(self.model, tensor, tasks, self.window, on_tile=on_tile,
+            return sliding_window(self.model, tensor, tasks, self.window, on_progress=on_progress,
                                   accumulate_on=torch.device("cpu"))
 
     def task_key(self, spec: str) -> str:
@@ -270,10 +270,10 @@ class Segmenter:
                 for c in cases]
 
     def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
-                     modality: str | None = None, on_tile: Callable[[int, int], None] | None = None) -> CaseResult:
+                     modality: str | None = None, on_progress: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
         prepared = self.prepare_case(case, task, output, modality=modality)
-        prediction = self.run(prepared.inputs, probabilities=probabilities is not None, on_tile=on_tile)
+        prediction = self.run(prepared.inputs, probabilities=probabilities is not None, on_progress=on_progress)
         return self.write_case(prepared, prediction, probabilities=probabilities)
 
     def prepare_case(self, case: Case, task: str, output: Path, *, modality: str | None = None) -> PreparedCase:

@@ -93,14 +93,15 @@ class WindowOptions:
 
 def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, int]],
                    options: WindowOptions = WindowOptions(),
-                   on_tile: Callable[[int, int], None] | None = None,
+                   on_progress: Callable[[int, int], None] | None = None,
                    accumulate_on: torch.device | None = None) -> list[torch.Tensor]:
     """Class probabilities of each ``(task index, classes)`` for a pre-processed ``(c, z, y, x)`` tensor.
 
     Returns one ``(classes, z, y, x)`` float32 tensor per task on ``accumulate_on`` (default: ``data``'s
     device, where the network runs): the softmax over all network outputs, averaged over mirrors,
     Gaussian-weighted over tiles, restricted to the task's first ``classes`` channels.
-    ``on_tile(done, total)`` reports progress.
+    ``on_progress(done, total)`` counts network passes over one tile (tiles × mirrors), so that a bar
+    moves every few seconds even when one tile's 8 mirrored passes take a minute on a CPU.
     """
     patch = model.config.patch_size
     padded, crop = pad_to_patch(data, patch)
@@ -111,25 +112,31 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
     weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=results)
     corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
     mirrors = [()] + [m for r in (1, 2, 3) for m in itertools.combinations(MIRROR_AXES, r)] if options.mirror else [()]
+    passes, done = len(corners) * len(mirrors), 0
+
+    def mirror_done(tiles: int) -> None:
+        nonlocal done
+        done += tiles
+        if on_progress is not None:
+            on_progress(done, passes)
+
     for first in range(0, len(corners), options.batch_size):
         batch_corners = corners[first:first + options.batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
         x = torch.stack([padded[(slice(None), *w)] for w in windows])
         with precision_context(options.precision, device), inference_kernels(device):
-            predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors)]
+            predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors, mirror_done)]
         for i, window in enumerate(windows):
             weights[window] += gaussian
             for total, prediction in zip(sums, predictions):
                 total[(slice(None), *window)].addcmul_(prediction[i], gaussian)  # no temporary per tile
-        if on_tile is not None:
-            on_tile(first + len(batch_corners), len(corners))
     weights = weights[crop]
     return [total[(slice(None), *crop)] / weights for total in sums]
 
 
 def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[int, int]],
-                        mirrors: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
-    """Mirror-averaged softmax of each task for a batch of tiles.
+                        mirrors: Sequence[tuple[int, ...]], mirror_done: Callable[[int], None]) -> list[torch.Tensor]:
+    """Mirror-averaged softmax of each task for a batch of tiles; ``mirror_done(tiles)`` after each mirror.
 
     The encoder and the prompt fusion run once per mirror; only the decoder runs per task.
     """
@@ -140,6 +147,7 @@ def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[in
         for result, (task, classes) in zip(results, tasks):
             probabilities = torch.softmax(model.decode(features, task, maps).float(), dim=1)[:, :classes]
             result += torch.flip(probabilities, axes) if axes else probabilities
+        mirror_done(x.shape[0])
     if len(mirrors) > 1:
         for result in results:
             result /= len(mirrors)
