@@ -63,7 +63,8 @@ def norm_activation(y: torch.Tensor, norm: nn.InstanceNorm3d, activation: nn.Lea
 
     The instance norm is the kernel ``F.instance_norm`` calls (batch norm over batch × channels, the
     same values bit for bit) writing into its input, so a block allocates one activation instead of
-    two: half the fresh memory the kernel must fault in and zero on every pass.
+    two (on the test CPU the time per pass moved within its run-to-run noise; the kernel alone is 53
+    against 63 ms on a 32×64×192×192 activation).
     """
     if _INFERENCE.get() is None or torch.is_grad_enabled() or y.device.type != "cpu" or not y.is_contiguous():
         return activation(norm(y))
