@@ -60,6 +60,27 @@ def test_allocator_uses_huge_pages_when_offered_else_keeps_freed_memory():
     assert _allocator_in_fresh_process({}, torch_first=True) == ("keep-freed", "None")
 
 
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc and transparent huge pages")
+@pytest.mark.parametrize("command,expected", [
+    (["predict", "/nonexistent.nii.gz", "-t", "kidney", "-m", "uniseg-demo"], "huge-pages"),  # bounded memory
+    (["train", "/nonexistent", "-o", "unused"], "keep-freed"),                                  # hours of the same allocations
+    (["finetune", "/nonexistent", "-m", "uniseg-demo"], "keep-freed"),
+])
+def test_each_command_tunes_its_own_process(command, expected, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from uniseg_cli.allocator import huge_pages_offered
+
+    if expected == "huge-pages" and not huge_pages_offered():
+        expected = "keep-freed"
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    done = subprocess.run([sys.executable, "-m", "uniseg_cli", "-v", *command], env=environment, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and f"memory for activations: {expected}" in done.stderr
+
+
 def test_accumulating_elsewhere_gives_the_same_probabilities(small_model, ct_patch):
     with torch.inference_mode():
         here = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]

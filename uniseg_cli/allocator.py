@@ -12,11 +12,14 @@ remedies:
 
 Measured with ``benchmarks/predict_vs_nnunet.py`` (fp32, 12 passes, torch 2.14, 2 cores): on the real
 CT, huge pages 74.2 s at a peak RSS of 2610 MiB, keeping freed memory 64.8 s at 3004 MiB; on a
-512×512×600 CT, 74.8 s at 2607 MiB against 60.0 s at 3583 MiB. Huge pages are used where the kernel
-offers them, because they bound memory on large scans; glibc keeps freed memory elsewhere, or when
-``THP_MEM_ALLOC_ENABLE=0`` asks for speed. This module does not import torch: the huge-page switch must
-be set before torch allocates anything. Only the command-line process is tuned; a library must not
-change its host's allocator silently.
+512×512×600 CT, 74.8 s at 2607 MiB against 60.0 s at 3583 MiB. ``predict`` prefers memory: huge pages
+where the kernel offers them, because they bound memory on large scans. Training repeats the same
+allocations for hours, so ``train`` and ``finetune`` prefer speed and keep freed memory
+(``benchmarks/train_throughput.py --preset small --device cpu``: 4.4 iterations/s with glibc's
+defaults, 5.2-5.3 with huge pages, 6.0-6.1 keeping freed memory). ``THP_MEM_ALLOC_ENABLE`` set by the
+user decides for both: ``1`` huge pages, anything else keeps freed memory. This module does not import
+torch: the huge-page switch must be set before torch allocates anything. Only command-line processes
+are tuned; a library must not change its host's allocator silently.
 """
 
 from __future__ import annotations
@@ -33,26 +36,30 @@ log = logging.getLogger(__name__)
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_INT_MAX = 2**31 - 1  # mallopt takes a C int: trim only when 2 GiB lie free at the top of the heap
 _chosen: str | None = None
 
 
-def tune_allocator() -> str:
+def tune_allocator(prefer: str = "memory") -> str:
     """Choose once per process: ``"huge-pages"``, ``"keep-freed"`` or ``"default"`` (what it got).
 
-    A user's own ``THP_MEM_ALLOC_ENABLE`` decides: ``1`` huge pages, anything else keeps freed memory.
+    ``prefer``: ``"memory"`` (huge pages where offered) or ``"speed"`` (keep freed memory). A user's own
+    ``THP_MEM_ALLOC_ENABLE`` decides: ``1`` huge pages, anything else keeps freed memory.
     """
     global _chosen
+    if prefer not in ("memory", "speed"):
+        raise ValueError(f"prefer must be 'memory' or 'speed', got {prefer!r}")
     if _chosen is None:
-        _chosen = _choose()
+        _chosen = _choose(prefer)
         log.debug("memory for activations: %s", _chosen)
     return _chosen
 
 
-def _choose() -> str:
+def _choose(prefer: str) -> str:
     if not sys.platform.startswith("linux"):
         return "default"
     wanted = os.environ.get(THP_VARIABLE)
-    if wanted is None and "torch" not in sys.modules and huge_pages_offered():
+    if wanted is None and prefer == "memory" and "torch" not in sys.modules and huge_pages_offered():
         os.environ[THP_VARIABLE] = "1"
         return "huge-pages"
     if wanted == "1":
@@ -75,7 +82,7 @@ def keep_freed_memory() -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
-        return all(libc.mallopt(option, value) == 1
-                   for option, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 40), (_M_ARENA_MAX, 1)))
+        return all(libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) == 1
+                   for option, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_ARENA_MAX, 1)))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False

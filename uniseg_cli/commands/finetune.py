@@ -48,6 +48,9 @@ def finetune(
       uniseg finetune ./Dataset501_Liver --model uniseg-11task -o liver-ft
       uniseg finetune ./Task09_Spleen -m uniseg-11task --mode new-task --freeze-upstream -o with-spleen
     """
+    from uniseg_cli.allocator import tune_allocator
+
+    tune_allocator(prefer="speed")  # this process only, see uniseg_cli/allocator.py
     from uniseg_cli.errors import UsageError
     from uniseg_cli.finetuning import finetune as run
     from uniseg_cli.training.trainer import TrainOptions
