@@ -10,13 +10,14 @@ remedies:
 - glibc keeping freed memory for reuse (``mallopt``): no faults after the first pass, but the process
   keeps its peak, fragmented, until it exits.
 
-Measured with ``benchmarks/predict_vs_nnunet.py`` (fp32, 12 passes, torch 2.14, 2 cores): on the real
-CT, huge pages 74.2 s at a peak RSS of 2610 MiB, keeping freed memory 64.8 s at 3004 MiB; on a
-512×512×600 CT, 74.8 s at 2607 MiB against 60.0 s at 3583 MiB. ``predict`` prefers memory: huge pages
+Measured with ``benchmarks/predict_vs_nnunet.py`` (fp32, 12 passes, torch 2.14, 2 cores, two runs): on
+the real CT, huge pages 75.7 s at a peak RSS of 2578 MiB, keeping freed memory 56.0-56.7 s at
+3179-3296 MiB; on a 512×512×600 CT, 77.9 s at 2618 MiB against 56.3-60.7 s at 2864-3476 MiB (how much
+freed memory stays resident depends on how the heap fragments). ``predict`` prefers memory: huge pages
 where the kernel offers them, because they bound memory on large scans. Training repeats the same
 allocations for hours, so ``train`` and ``finetune`` prefer speed and keep freed memory
 (``benchmarks/train_throughput.py --preset small --device cpu``: 4.4 iterations/s with glibc's
-defaults, 5.2-5.3 with huge pages, 6.0-6.1 keeping freed memory). ``THP_MEM_ALLOC_ENABLE`` set by the
+defaults, 4.9-5.5 with huge pages, 5.4-6.0 keeping freed memory). ``THP_MEM_ALLOC_ENABLE`` set by the
 user decides for both: ``1`` huge pages, anything else keeps freed memory. This module does not import
 torch: the huge-page switch must be set before torch allocates anything. Only command-line processes
 are tuned; a library must not change its host's allocator silently.
