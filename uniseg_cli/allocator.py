@@ -17,7 +17,7 @@ freed memory stays resident depends on how the heap fragments). ``predict`` pref
 where the kernel offers them, because they bound memory on large scans. Training repeats the same
 allocations for hours, so ``train`` and ``finetune`` prefer speed and keep freed memory
 (``benchmarks/train_throughput.py --preset small --device cpu``: 4.4 iterations/s with glibc's
-defaults, 4.9-5.5 with huge pages, 5.4-6.0 keeping freed memory). ``THP_MEM_ALLOC_ENABLE`` set by the
+defaults, 4.9-5.8 with huge pages, 5.4-6.0 keeping freed memory). ``THP_MEM_ALLOC_ENABLE`` set by the
 user decides for both: ``1`` huge pages, anything else keeps freed memory. This module does not import
 torch: the huge-page switch must be set before torch allocates anything. Only command-line processes
 are tuned; a library must not change its host's allocator silently.
