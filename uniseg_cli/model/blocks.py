@@ -43,15 +43,16 @@ def inference_kernels(device: torch.device) -> Iterator[None]:
         _INFERENCE.reset(token)
 
 
-def _inferring(x: torch.Tensor) -> bool:
-    return _INFERENCE.get() is not None and x.dtype == torch.float32 and not torch.is_grad_enabled()
+def _cpu_inference(x: torch.Tensor) -> bool:
+    """Inside ``inference_kernels``, with no gradients recorded, on the CPU: where the kernels below apply."""
+    return _INFERENCE.get() is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
 
 
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` (same parameters and state-dict names) that honours ``inference_kernels``."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (_inferring(x) and x.device.type == "cpu" and self.padding_mode == "zeros"
+        if (_cpu_inference(x) and x.dtype == torch.float32 and self.padding_mode == "zeros"
                 and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
                                                      self.groups)
@@ -66,7 +67,7 @@ def norm_activation(y: torch.Tensor, norm: nn.InstanceNorm3d, activation: nn.Lea
     two (on the test CPU the time per pass moved within its run-to-run noise; the kernel alone is 53
     against 63 ms on a 32×64×192×192 activation).
     """
-    if _INFERENCE.get() is None or torch.is_grad_enabled() or y.device.type != "cpu" or not y.is_contiguous():
+    if not _cpu_inference(y) or not y.is_contiguous():
         return activation(norm(y))
     batch, channels = y.shape[:2]
     flat = y.view(1, batch * channels, *y.shape[2:])
