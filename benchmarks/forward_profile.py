@@ -41,7 +41,7 @@ def main() -> None:
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.model.blocks import inference_kernels
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.runtime import precision_context
+    from uniseg_cli.runtime import AUTOCAST_DTYPES, precision_context
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -77,12 +77,11 @@ def main() -> None:
               f"profiled time, {flops / (seconds * convolution / total) / 1e12:.3f} TFLOP/s while convolving",
               flush=True)
         if device.type == "cpu":
-            peak = measured_peak(_DTYPES.get(precision, torch.float32))
+            peak = measured_peak(AUTOCAST_DTYPES.get(precision, torch.float32))
             print(f"{precision}: measured peak {peak / 1e12:.3f} TFLOP/s; a pass reaches "
                   f"{100 * flops / seconds / peak:.0f}% of it", flush=True)
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 #: (channels, z, y, x) of the calibration convolutions: the fastest of a grid tried on the test CPU.
 PEAK_SHAPES = ((128, 16, 32, 32), (256, 16, 48, 48), (320, 16, 32, 32))
 

@@ -11,7 +11,7 @@ import torch
 from uniseg_cli.errors import UsageError
 
 PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(spec: str, device: torch.device) -> str:
@@ -46,8 +46,8 @@ def native_bf16_cpu() -> bool:
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     """Autocast for bf16/fp16; for fp32 on CUDA, TF32 off so that fp32 means fp32 (as published)."""
-    if precision in _DTYPES:
-        with torch.autocast(device.type, dtype=_DTYPES[precision]):
+    if precision in AUTOCAST_DTYPES:
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
             yield
         return
     if device.type != "cuda":
