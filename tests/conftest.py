@@ -10,6 +10,16 @@ DATA = Path(__file__).parent / "data"
 CT = DATA / "example_ct.nii.gz"
 
 
+@pytest.fixture(autouse=True)
+def user_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own empty model store and settings, never the developer's own."""
+    home = tmp_path_factory.mktemp("uniseg-home")
+    monkeypatch.setenv("UNISEG_HOME", str(home))
+    for name in ("UNISEG_MODEL", "UNISEG_WEIGHTS_MIRROR"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run ``uniseg ARGS…`` through the real entry point; returns (exit code, stdout, stderr)."""

@@ -43,7 +43,7 @@ def _entry(commit, folder, **changes):
     pins = {f: sha256_of(folder / f) for f in ("config.json", "model.safetensors")}
     entry = {"description": "tiny test model", "repo": REPO, "revision": commit, "files": pins,
              "tasks": ["liver", "kidney"], "license": "Apache-2.0"} | changes
-    return parse_registry({"format_version": 1, "default": "tiny", "models": {"tiny": entry}})
+    return parse_registry({"format_version": 2, "models": {"tiny": entry}})
 
 
 def test_download_with_env_vars_then_offline_from_the_cache(hub, tmp_path, small_model_dir):
@@ -77,6 +77,7 @@ def test_cached_registry_model_needs_no_requests(hub, monkeypatch, small_model_d
     from huggingface_hub import constants
 
     registry = _entry(hub.commits[0], small_model_dir)
+    monkeypatch.setenv("UNISEG_MODEL", "tiny")
     resolved = resolve_model(None, registry=registry)        # the default model
     assert resolved.entry.name == "tiny" and resolved.path.name == hub.commits[0]
     count = len(hub.requests)
@@ -119,10 +120,10 @@ def test_predict_with_a_hub_model(hub, run_cli, tmp_path):
 
 
 def test_model_specs_without_the_hub(tmp_path, small_model_dir, monkeypatch):
-    empty = Registry(default=None, models={})
+    empty = Registry(models={})
     assert resolve_model(str(small_model_dir), registry=empty).path == small_model_dir
     assert resolve_model(str(small_model_dir / "model.safetensors"), registry=empty).path.name == "model.safetensors"
-    with pytest.raises(UsageError, match="no --model given and no default model is registered yet"):
+    with pytest.raises(UsageError, match="no --model given and no default model set"):
         resolve_model(None, registry=empty)
     with pytest.raises(UsageError, match=r"unknown model 'not-a-model' \(no such folder"):
         resolve_model("not-a-model", registry=empty)
@@ -134,11 +135,10 @@ def test_model_specs_without_the_hub(tmp_path, small_model_dir, monkeypatch):
 def test_shipped_registry_is_valid():
     registry = load_registry()
     for entry in registry.models.values():   # each entry: pinned revision, both hashes, known tasks, licence
-        assert entry.files and entry.license and entry.tasks
-        assert entry.path or (entry.repo and len(entry.revision) == 40)
+        assert entry.license and entry.tasks
+        assert entry.path or entry.release or (entry.repo and len(entry.revision) == 40)
         if entry.path:                       # a bundled model ships with the hashes the registry pins
             verify_files(registry_folder() / entry.path, entry)
-    assert registry.default is None or registry.default in registry.models
 
 
 @pytest.mark.parametrize("change,message", [

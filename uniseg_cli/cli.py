@@ -24,14 +24,15 @@ tumours and PET lesions; the task prompt says which.
 
 \b
 Examples:
+  uniseg weights download uniseg-11task   the published weights, once (non-commercial licence)
+  uniseg predict scan.nii.gz --task kidney -o kidney.nii.gz
+  ls *.nii.gz | uniseg predict - --task liver -o out/ --json
   uniseg predict scan.nii.gz --task kidney -m uniseg-demo --fast   bundled demo model, offline
-  uniseg predict scan.nii.gz --task kidney -m uniseg-11task -o kidney.nii.gz
-  ls *.nii.gz | uniseg predict - --task liver -m uniseg-11task -o out/ --json
   uniseg tasks                          list the tasks and their aliases
   uniseg tasks --json                   the same as JSON
-  uniseg weights import model_final_checkpoint.model -o uniseg-11task
+  uniseg weights import model_final_checkpoint.model --name my-uniseg
   uniseg preprocess -d kidney=./Dataset001_KiTS -o prep/ && uniseg train prep/ -o my-model/
-  uniseg finetune ./Dataset501_Liver -m uniseg-11task -o liver-ft
+  uniseg finetune ./Dataset501_Liver -o liver-ft
   uniseg evaluate pred/ labelsTs/ --json > metrics.json
   uniseg export my-model --format onnx
 """

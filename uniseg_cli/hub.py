@@ -6,9 +6,14 @@ One function, ``resolve_model``, turns what a user types after ``--model`` into 
 1. ``hf://owner/name[@revision]``: always the Hub.
 2. A path that exists (folder, or ``.safetensors`` beside its ``config.json``): that path, always;
    a Hub repo whose name is also a local path is written ``hf://owner/name``.
-3. A registry name (``uniseg weights list``): its pinned Hub revision, verified against its sha256s,
-   or its bundled folder.
-4. ``owner/name[@revision]``: the Hub (revision ``main`` if none).
+3. A model installed in the user's store (``uniseg weights download``, ``uniseg weights import --name``).
+4. A registry name (``uniseg weights list``): its pinned Hub revision, verified against its sha256s,
+   or its bundled folder; a release that is not installed yet is an error naming the command that
+   installs it.
+5. ``owner/name[@revision]``: the Hub (revision ``main`` if none).
+
+No spec means the default model: ``$UNISEG_MODEL``, else the one ``uniseg weights default`` recorded
+(the first install sets it), else an error naming the command that gets the published weights.
 
 It also names the two files of a model folder (``model_paths``), torch-free so that listing a model's
 tasks needs no torch. Downloads use huggingface_hub, so the standard cache and ``HF_HOME``, ``HF_HUB_CACHE``,
@@ -48,11 +53,12 @@ def model_paths(path: str | Path) -> tuple[Path, Path]:
     return config, weights
 
 
-REGISTRY_VERSION = 1
+REGISTRY_VERSION = 2
 log = logging.getLogger(__name__)
 _HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+RELEASE_ROLES = ("checkpoint", "plans", "training-plans")  # the first two are what prediction needs
 
 
 class RegistryError(UnisegError):
@@ -60,8 +66,40 @@ class RegistryError(UnisegError):
 
 
 @dataclass(frozen=True)
+class ReleaseFile:
+    """One file as its authors published it: its name, where it is, and (once a maintainer pinned it) its sha256."""
+
+    name: str
+    role: str
+    gdrive_id: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """Weights published only as nnU-Net v1 pickles: fetched, converted once, stored as a model folder.
+
+    ``architecture`` is the ``architecture`` object of the ``config.json`` the conversion must
+    produce; with ``tensors`` and ``parameters`` it pins the published layout exactly.
+    """
+
+    homepage: str
+    files: tuple[ReleaseFile, ...]
+    architecture: dict[str, Any]
+    tensors: int
+    parameters: int
+
+    def file(self, role: str) -> ReleaseFile:
+        return next(f for f in self.files if f.role == role)
+
+
+@dataclass(frozen=True)
 class RegistryEntry:
-    """One named model: pinned Hub files, or a folder bundled inside the package."""
+    """One named model: pinned Hub files, a folder bundled inside the package, or a release to convert.
+
+    An entry may carry both a release and a Hub copy (published later with the authors' permission):
+    the Hub copy is then what downloads fetch, the release what it was made from.
+    """
 
     name: str
     description: str
@@ -71,15 +109,27 @@ class RegistryEntry:
     repo: str | None = None
     revision: str | None = None
     path: str | None = None
+    license_file: str | None = None
+    release: Release | None = None
 
     @property
     def source(self) -> str:
-        return f"bundled:{self.path}" if self.path else f"{self.repo}@{self.revision}"
+        if self.path:
+            return f"bundled:{self.path}"
+        if self.repo:
+            return f"{self.repo}@{self.revision}"
+        return f"release:{self.release.homepage}" if self.release else ""
+
+    @property
+    def license_text(self) -> str | None:
+        """The full licence a user must accept before the files are fetched (None: nothing to accept)."""
+        if self.license_file is None:
+            return None
+        return (registry_folder() / self.license_file).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
 class Registry:
-    default: str | None
     models: dict[str, RegistryEntry]
 
 
@@ -92,6 +142,7 @@ class ResolvedModel:
     entry: RegistryEntry | None = None
     repo: str | None = None
     revision: str | None = None
+    installed: bool = False  # found in the user's model store (``uniseg weights download`` / ``import --name``)
 
 
 def registry_folder() -> Path:
@@ -111,36 +162,69 @@ def load_registry(path: Path | None = None) -> Registry:
 def parse_registry(data: Any, *, source: str = "registry") -> Registry:
     from uniseg_cli.tasks import UPSTREAM_TASKS
 
-    if not isinstance(data, dict) or set(data) != {"format_version", "default", "models"}:
-        raise RegistryError(f"{source}: expected keys format_version, default, models")
+    if not isinstance(data, dict) or set(data) != {"format_version", "models"}:
+        raise RegistryError(f"{source}: expected keys format_version, models")
     if data["format_version"] != REGISTRY_VERSION:
         raise RegistryError(f"{source}: format_version {data['format_version']!r} is not {REGISTRY_VERSION}")
     known_tasks = {t.key for t in UPSTREAM_TASKS}
     models = {}
     for name, raw in data["models"].items():
         where = f"{source}: model {name!r}"
-        allowed = {"description", "tasks", "license", "files", "repo", "revision", "path"}
+        allowed = {"description", "tasks", "license", "license_file", "files", "repo", "revision", "path", "release"}
         if not isinstance(raw, dict) or set(raw) - allowed:
             raise RegistryError(f"{where}: unknown keys {sorted(set(raw) - allowed) if isinstance(raw, dict) else raw}")
+        if "/" in name or "@" in name:
+            raise RegistryError(f"{where}: a registry name has no '/' or '@' (those are Hub names)")
         entry = RegistryEntry(name=name, description=str(raw.get("description", "")),
                               tasks=tuple(raw.get("tasks", ())), license=str(raw.get("license", "")),
                               files=dict(raw.get("files", {})), repo=raw.get("repo"), revision=raw.get("revision"),
-                              path=raw.get("path"))
-        if (entry.repo is None) == (entry.path is None):
-            raise RegistryError(f"{where}: give exactly one of repo (Hub) or path (bundled)")
+                              path=raw.get("path"), license_file=raw.get("license_file"),
+                              release=_parse_release(raw["release"], where) if "release" in raw else None)
+        if (entry.path is None) == (entry.repo is None and entry.release is None):
+            raise RegistryError(f"{where}: give exactly one of path (bundled), or repo (Hub) and/or release")
         if entry.repo is not None and not (_HUB_NAME.match(entry.repo) and entry.revision and _COMMIT.match(entry.revision)):
             raise RegistryError(f"{where}: needs repo owner/name and revision pinned to a 40-hex commit")
-        if set(entry.files) != set(MODEL_FILES) or not all(_SHA256.match(h) for h in entry.files.values()):
+        pinned = entry.path is not None or entry.repo is not None
+        if pinned and (set(entry.files) != set(MODEL_FILES) or not all(_SHA256.match(h) for h in entry.files.values())):
             raise RegistryError(f"{where}: files must pin the sha256 of {', '.join(MODEL_FILES)}")
+        if not pinned and entry.files:
+            raise RegistryError(f"{where}: a release's files are listed under release.files")
         if not entry.tasks or set(entry.tasks) - known_tasks and not entry.path:
             raise RegistryError(f"{where}: tasks must be registry task keys, got {list(entry.tasks)}")
         if not entry.license:
             raise RegistryError(f"{where}: the licence of the weights is required")
+        if entry.license_file is not None and not (registry_folder() / entry.license_file).is_file():
+            raise RegistryError(f"{where}: license_file {entry.license_file} is not in the package")
         models[name] = entry
-    default = data["default"]
-    if default is not None and default not in models:
-        raise RegistryError(f"{source}: default {default!r} is not one of the models")
-    return Registry(default=default, models=models)
+    return Registry(models=models)
+
+
+def _parse_release(raw: Any, where: str) -> Release:
+    keys = {"homepage", "files", "architecture", "tensors", "parameters"}
+    if not isinstance(raw, dict) or set(raw) != keys:
+        raise RegistryError(f"{where}: release needs exactly the keys {', '.join(sorted(keys))}")
+    files = []
+    for file_name, spec in raw["files"].items():
+        if not isinstance(spec, dict) or set(spec) - {"role", "gdrive_id", "sha256"} or spec.get("role") not in RELEASE_ROLES:
+            raise RegistryError(f"{where}: release file {file_name!r} needs role ({', '.join(RELEASE_ROLES)}), "
+                                "gdrive_id and sha256 (null until pinned)")
+        sha = spec.get("sha256")
+        if sha is not None and not _SHA256.match(sha):
+            raise RegistryError(f"{where}: release file {file_name!r}: sha256 must be 64 hex digits or null")
+        files.append(ReleaseFile(name=file_name, role=spec["role"], gdrive_id=str(spec.get("gdrive_id", "")), sha256=sha))
+    roles = [f.role for f in files]
+    if sorted(roles) != sorted(set(roles)) or not {"checkpoint", "plans"} <= set(roles) or not all(f.gdrive_id for f in files):
+        raise RegistryError(f"{where}: release files need one checkpoint and one plans file, each with a gdrive_id")
+    from uniseg_cli.config import UniSegConfig
+    from uniseg_cli.tasks import UPSTREAM_TASKS
+
+    try:  # the architecture must be one this uniseg can build
+        UniSegConfig.from_dict({"format": "uniseg", "format_version": 1, "architecture": raw["architecture"],
+                                "tasks": [t.to_dict() for t in UPSTREAM_TASKS]})
+    except UnisegError as exc:
+        raise RegistryError(f"{where}: release architecture: {exc}") from None
+    return Release(homepage=str(raw["homepage"]), files=tuple(files), architecture=dict(raw["architecture"]),
+                   tensors=int(raw["tensors"]), parameters=int(raw["parameters"]))
 
 
 def sha256_of(path: Path) -> str:
@@ -153,35 +237,64 @@ def sha256_of(path: Path) -> str:
 
 def resolve_model(spec: str | Path | None, *, registry: Registry | None = None) -> ResolvedModel:
     """The local model folder for ``spec`` (see the module docstring); ``None`` means the default model."""
+    from uniseg_cli.weights import store
+
     registry = registry or load_registry()
     if spec is None:
-        if registry.default is None:
-            raise UsageError("no --model given and no default model is registered yet; pass --model with a model "
-                             "folder (see `uniseg weights import`) or a Hub name owner/name[@revision]")
-        spec = registry.default
+        default = store.default_model()
+        if default is None:
+            raise UsageError("no --model given and no default model set; get the published UniSeg weights with "
+                             "`uniseg weights download uniseg-11task` (it becomes the default), or use the bundled "
+                             "demonstration model with `-m uniseg-demo`")
+        log.debug("default model %s (from %s)", default.spec, default.origin)
+        try:
+            return resolve_model(default.spec, registry=registry)
+        except UnisegError as exc:
+            exc.args = (f"{exc} (the default model, set by {default.origin})",)
+            raise
     text = str(spec)
     if text.startswith("hf://"):
         return _from_hub(text, text[len("hf://"):])
     local = Path(text).expanduser()
     if local.exists():
-        if text in registry.models or _HUB_NAME.match(text):
+        if text in registry.models or _HUB_NAME.match(text) or store.installed_folder(text):
             log.info("model %r: using the local path (write hf://%s for the Hub)", text, text)
         return ResolvedModel(path=local, spec=text)
+    installed = store.installed_folder(text)
+    if installed is not None:
+        return ResolvedModel(path=installed, spec=text, entry=registry.models.get(text), installed=True)
     if text in registry.models:
-        return _from_registry(registry.models[text])
+        return from_registry(registry.models[text])
     if _HUB_NAME.match(text):
         return _from_hub(text, text)
-    raise UnknownNameError("model", text, list(registry.models),
-                           kinds="no such folder or .safetensors file, registry name, or Hub owner/name[@revision]")
+    raise UnknownNameError("model", text, [*registry.models, *store.installed_names()],
+                           kinds="no such folder or .safetensors file, installed or registry name, or Hub "
+                                 "owner/name[@revision]")
 
 
-def _from_registry(entry: RegistryEntry) -> ResolvedModel:
+def from_registry(entry: RegistryEntry) -> ResolvedModel:
+    """A registry model's local folder: bundled, or fetched from the Hub; a release must be installed first."""
     if entry.path is not None:
         folder = registry_folder() / entry.path
         verify_files(folder, entry)
         return ResolvedModel(path=folder, spec=entry.name, entry=entry)
+    if entry.repo is None:
+        raise ModelFileError(f"model {entry.name!r} is not installed; get it once with "
+                             f"`uniseg weights download {entry.name}` (licence: {entry.license})")
+    require_accepted_license(entry)
     folder = download(entry.repo, entry.revision, name=entry.name, pins=entry.files)  # type: ignore[arg-type]
     return ResolvedModel(path=folder, spec=entry.name, entry=entry, repo=entry.repo, revision=entry.revision)
+
+
+def require_accepted_license(entry: RegistryEntry) -> None:
+    """Refuse to fetch weights whose licence the user has not accepted (``uniseg weights download`` asks)."""
+    from uniseg_cli.weights import store
+
+    text = entry.license_text
+    if text is not None and store.license_acceptance(entry.name, text) is None:
+        raise UsageError(f"model {entry.name!r}: its licence ({entry.license}) has not been accepted; read it with "
+                         f"`uniseg weights info {entry.name}` and accept it with "
+                         f"`uniseg weights download {entry.name} --accept-license`")
 
 
 def _from_hub(spec: str, name: str) -> ResolvedModel:

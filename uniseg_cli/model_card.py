@@ -6,9 +6,16 @@ from uniseg_cli import __version__
 from uniseg_cli.config import UniSegConfig
 
 
-def model_card(config: UniSegConfig, *, repo: str, parameters: int) -> str:
-    """Markdown with YAML front matter: what the model segments, from what, under which licence."""
+def model_card(config: UniSegConfig, *, repo: str, parameters: int, license_text: str | None = None,
+               provenance: str = "") -> str:
+    """Markdown with YAML front matter: what the model segments, from what, under which licence.
+
+    An installed model's card also carries the full licence text the user accepted and where its
+    files came from, so that both travel with the folder if it is copied elsewhere.
+    """
     license_line = config.license or "not stated: ask the model's authors before using it"
+    if license_text:
+        license_line += "\n\n```text\n" + license_text.strip() + "\n```"
     rows = "\n".join(
         f"| {t.id} | `{t.key}` | {', '.join(c.name for c in t.channels)} | {', '.join(t.labels)} | "
         f"{' × '.join(f'{s:g}' for s in t.target_spacing)} |" for t in config.tasks)
@@ -49,7 +56,7 @@ Patch {' × '.join(map(str, config.patch_size))} voxels, features per stage {', 
 ## How it was made
 
 {config.source or "Not recorded."}
-
+{provenance}
 Published with uniseg {__version__}.
 
 ## Use

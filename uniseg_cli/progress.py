@@ -1,4 +1,4 @@
-"""A counting progress bar on stderr (rich), shown only on a terminal: cases pre-processed, batches trained."""
+"""Progress bars on stderr (rich), shown only on a terminal: cases pre-processed, batches trained, bytes downloaded."""
 
 from __future__ import annotations
 
@@ -20,3 +20,18 @@ def counting_bar(description: str, total: int, *, enabled: bool = True) -> Itera
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+@contextlib.contextmanager
+def byte_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int | None], None]]:
+    """Yield ``report(done, total)`` for a download; draws only on a terminal, like ``counting_bar``."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)

@@ -14,7 +14,7 @@ from uniseg_cli.devices import DEVICE_HELP
 
 def finetune(
     dataset: Path = typer.Argument(..., metavar="DATASET", help="nnU-Net v2 or MSD dataset folder (with dataset.json)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Pretrained model: folder, registry name or Hub name (default: the registry's default)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Pretrained model: folder, installed or registry name, or Hub name (default: $UNISEG_MODEL, else `uniseg weights default`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Model folder to write (default: <dataset name>-finetuned here)."),
     mode: str = typer.Option("downstream", "--mode", metavar="downstream|new-task", help="downstream: the paper's protocol (no prompt, new heads, one task). new-task: add the dataset as one more prompted task."),
     task_name: Optional[str] = typer.Option(None, "--task-name", help="Name of the dataset's task (default: the folder name without DatasetNNN_/TaskNN_)."),
@@ -45,7 +45,7 @@ def finetune(
 
     \b
     Examples:
-      uniseg finetune ./Dataset501_Liver --model uniseg-11task -o liver-ft
+      uniseg finetune ./Dataset501_Liver -o liver-ft                 from the default model
       uniseg finetune ./Task09_Spleen -m uniseg-11task --mode new-task --freeze-upstream -o with-spleen
     """
     from uniseg_cli.allocator import tune_allocator

@@ -16,7 +16,7 @@ from uniseg_cli.devices import DEVICE_HELP
 def predict(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Scan files (.nii, .nii.gz, .nrrd, .mha, .mhd), DICOM series folders, folders of scans, comma-separated channel lists (t1.nii.gz,t1ce.nii.gz,…), or - to read one case per line from stdin."),
     task: str = typer.Option(..., "--task", "-t", help="Task key, alias or id (kidney, kidn, 1), or 'all' for every task that fits the input, merged into one map. See `uniseg tasks`."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a folder, a registry name (`uniseg weights list`) or a Hub name owner/name[@revision]. Default: the registry's default model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a folder, an installed or registry name (`uniseg weights list`) or a Hub name owner/name[@revision]. Default: $UNISEG_MODEL, else `uniseg weights default` (set by the first `uniseg weights download`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (one case) or folder. Default: <case>_<task>.nii.gz in the current folder."),
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation over the 8 axis flips (default on, as published; off is 8x faster)."),
@@ -41,9 +41,10 @@ def predict(
 
     \b
     Examples:
-      uniseg predict scan.nii.gz --task kidney -m uniseg-11task -o kidney.nii.gz
+      uniseg predict scan.nii.gz --task kidney -o kidney.nii.gz                    the default model
       uniseg predict t1.nii.gz,t1ce.nii.gz,t2.nii.gz,flair.nii.gz --task brain_tumor -m uniseg-11task
-      ls *.nii.gz | uniseg predict - --task liver -m uniseg-11task -o out/ --json > volumes.jsonl
+      ls *.nii.gz | uniseg predict - --task liver -o out/ --json > volumes.jsonl
+      uniseg predict scan.nii.gz --task kidney -m uniseg-demo --fast               bundled demo model
     """
     from uniseg_cli.allocator import tune_allocator
 

@@ -10,15 +10,16 @@ import typer
 
 from uniseg_cli.devices import DEVICE_HELP
 
-app = typer.Typer(help="Model weights: list, download, inspect, verify, convert and publish models.",
+app = typer.Typer(help="Model weights: list, download, set the default, inspect, verify, convert and publish models.",
                   no_args_is_help=True, rich_markup_mode=None)
 
-MODEL_HELP = "A model folder, a registry name (`uniseg weights list`) or a Hub name owner/name[@revision]."
+MODEL_HELP = "A model folder, an installed or registry name (`uniseg weights list`) or a Hub name owner/name[@revision]."
 
 
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
-    """List the registry's models and the uniseg models in the Hugging Face cache, with sizes."""
+    """List the registry's models, the models installed in your store and the uniseg models in the
+    Hugging Face cache, with their sizes; (default) marks the one used without --model."""
     from uniseg_cli.catalog import list_models
 
     models = list_models()
@@ -28,59 +29,167 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdo
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title_justify="left", title="uniseg models (registry and cache)")
-    for column in ("name", "source", "tasks", "licence", "cached"):
+    table = Table(title_justify="left", title="uniseg models (registry, store and cache)")
+    for column in ("name", "source", "tasks", "licence", "installed"):
         table.add_column(column)
     for m in models:
-        cached = f"{m['cached_mib']:.1f} MiB" if m["cached_mib"] is not None else "no"
+        installed = f"{m['installed_mib']:.1f} MiB" if m["installed_mib"] is not None else "no"
         table.add_row(m["name"] + (" (default)" if m.get("default") else ""), m["source"],
-                      str(len(m["tasks"])) if m["tasks"] else "?", m["license"] or "?", cached)
-    if not models:
-        typer.echo("No models in the registry or the cache yet. Convert the published checkpoint with "
-                   "`uniseg weights import`, or download one with `uniseg weights download owner/name`.", err=True)
-        return
+                      str(len(m["tasks"])) if m["tasks"] else "?", m["license"] or "?", installed)
     Console(soft_wrap=False).print(table)
 
 
 @app.command("download")
-def download(model: str = typer.Argument(..., help="A registry name or a Hub name owner/name[@revision].")) -> None:
-    """Fetch a model into the Hugging Face cache (verified against the registry's sha256s); print its folder."""
-    from uniseg_cli.hub import resolve_model
+def download(
+    model: str = typer.Argument(..., help="A registry name (uniseg-11task: the published weights) or a Hub name owner/name[@revision]."),
+    accept_license: bool = typer.Option(False, "--accept-license", help="Accept the model's licence (shown first) without being asked; needed when not on a terminal."),
+    device: str = typer.Option("auto", "--device", help=f"Where to run a conversion's agreement check: {DEVICE_HELP}."),
+    force: bool = typer.Option(False, "--force", help="Download and convert again even if the model is installed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
+) -> None:
+    """Install a model once: fetch, verify, convert if needed, and make it the default if none is set.
 
-    print(resolve_model(model).path)
+    The published UniSeg weights (uniseg-11task, non-commercial licence) exist only as nnU-Net v1
+    pickles on Google Drive: they are downloaded (resumably), checked against the published layout,
+    converted safely (no pickled code runs) and stored in $UNISEG_HOME, else $XDG_CACHE_HOME/uniseg,
+    else ~/.cache/uniseg. Set UNISEG_WEIGHTS_MIRROR=URL to fetch the published file names from your own
+    server instead. Hub names go to the Hugging Face cache. Prints the model's folder.
+
+    \b
+    Examples:
+      uniseg weights download uniseg-11task                  asks to accept the licence, once
+      uniseg weights download uniseg-11task --accept-license
+      UNISEG_WEIGHTS_MIRROR=https://models.example.org/uniseg uniseg weights download uniseg-11task
+    """
+    import logging
+
+    from uniseg_cli.hub import load_registry, resolve_model
+
+    if quiet:
+        logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
+    entry = load_registry().models.get(model)
+    if entry is None:  # a Hub name: the Hub's cache is its store
+        print(resolve_model(model).path)
+        return
+    from uniseg_cli.devices import pick_device
+    from uniseg_cli.weights.install import install
+
+    _accept_license_once(entry, accept_license)
+    installed = install(entry, device=pick_device(device), progress=not quiet, force=force)
+    log = logging.getLogger("uniseg_cli")
+    if installed.already:
+        log.info("%s is already installed (use --force to download it again)", entry.name)
+    elif installed.report is not None:
+        log.info("%s: %d tensors, %s parameters, the published layout; logits of the stored model vs the checkpoint "
+                 "on one patch: max |diff| = %.3g", entry.name, installed.report.tensors,
+                 f"{installed.report.parameters:,}", installed.report.max_abs_diff)
+    if installed.became_default:
+        log.info("%s is now the default model: commands without --model use it", entry.name)
+    print(installed.folder)
+
+
+def _accept_license_once(entry, accept: bool) -> None:
+    """Show a licence not yet accepted and take the user's acceptance (flag, or y/N on a terminal)."""
+    import sys
+
+    from uniseg_cli.errors import UnisegError, UsageError
+    from uniseg_cli.weights import store
+
+    text = entry.license_text
+    if text is None or store.license_acceptance(entry.name, text) is not None:
+        return
+    if not accept and not sys.stdin.isatty():
+        raise UsageError(f"{entry.name}: its weights are licensed for {entry.license}; accept the licence with "
+                         f"`uniseg weights download {entry.name} --accept-license` (read it first with "
+                         f"`uniseg weights info {entry.name}`)")
+    typer.echo(f"Licence of the {entry.name} weights:\n\n{text.strip()}\n", err=True)
+    if not accept and not typer.confirm(f"Accept the licence of {entry.name}?", default=False, err=True):
+        raise UnisegError(f"{entry.name}: licence not accepted; nothing was downloaded")
+    store.accept_license(entry.name, text)
+
+
+@app.command("default")
+def default(
+    model: Optional[str] = typer.Argument(None, help="The model to use when a command gets no --model: an installed or registry name, a folder, or a Hub name."),
+    unset: bool = typer.Option(False, "--unset", help="Forget the default model."),
+) -> None:
+    """Show or set the default model (used when a command gets no --model).
+
+    Precedence: --model, then the UNISEG_MODEL variable, then this default. The first successful
+    `uniseg weights download` or `uniseg weights import --name` sets it when none is set.
+    """
+    from pathlib import Path
+
+    from uniseg_cli.errors import UsageError
+    from uniseg_cli.hub import resolve_model
+    from uniseg_cli.weights import store
+
+    if unset and model is not None:
+        raise UsageError("give a model or --unset, not both")
+    if unset:
+        store.set_default_model(None)
+    elif model is not None:
+        resolved = resolve_model(model)  # must resolve now (offline for installed models), not on first use
+        spec = str(Path(model).expanduser().resolve()) if resolved.path == Path(model).expanduser() else model
+        store.set_default_model(spec)
+    current = store.default_model()
+    if current is None:
+        typer.echo("no default model (get one with `uniseg weights download uniseg-11task`)", err=True)
+        return
+    print(current.spec)
+    typer.echo(f"(set by {current.origin})", err=True)
 
 
 @app.command("info")
-def info(model: str = typer.Argument(..., help=MODEL_HELP),
+def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the default model."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
-    """Show a model's configuration, tasks, parameter count, licence and source."""
+    """Show a model's configuration, tasks, parameter count, source and licence (in full where the
+    model has one to accept); for a release not installed yet, its published files."""
     from uniseg_cli.catalog import describe_model
 
     description = describe_model(model)
     if as_json:
         print(json.dumps(description, indent=2))
         return
-    arch = description["config"]["architecture"]
-    lines = [
-        f"model:       {description['spec']}",
-        f"folder:      {description['path']}",
-        f"source:      {description['source'] or '(not recorded)'}",
-        f"licence:     {description['license'] or '(not stated)'}",
-        f"parameters:  {description['parameters']:,}",
-        f"patch:       {' x '.join(map(str, arch['patch_size']))}, features {description['stage_features']}, "
-        f"{arch['num_classes']} outputs, inputs {'/'.join(map(str, arch['input_channels']))} channels",
-        "tasks:       " + ", ".join(f"{t['id']} {t['key']}" for t in description["config"]["tasks"]),
-    ]
+    if not description["installed"]:
+        release = description["release"]
+        lines = [f"model:       {description['spec']} (not installed: `uniseg weights download {description['spec']}`)",
+                 f"about:       {description['description']}",
+                 f"source:      {release['homepage']}",
+                 f"parameters:  {description['parameters']:,} in {release['tensors']} tensors",
+                 "tasks:       " + ", ".join(description["tasks"])]
+        lines += [f"file:        {f['name']} ({f['role']}), Google Drive id {f['gdrive_id']}, sha256 "
+                  f"{f['sha256'] or 'not pinned'}" for f in release["files"]]
+    else:
+        arch = description["config"]["architecture"]
+        lines = [
+            f"model:       {description['spec']}",
+            f"folder:      {description['path']}",
+            f"source:      {description['source'] or '(not recorded)'}",
+            f"parameters:  {description['parameters']:,}",
+            f"patch:       {' x '.join(map(str, arch['patch_size']))}, features {description['stage_features']}, "
+            f"{arch['num_classes']} outputs, inputs {'/'.join(map(str, arch['input_channels']))} channels",
+            "tasks:       " + ", ".join(f"{t['id']} {t['key']}" for t in description["config"]["tasks"]),
+        ]
+    lines.append(f"licence:     {description['license'] or '(not stated)'}")
+    if description.get("license_text"):
+        lines += ["", description["license_text"].rstrip()]
     print("\n".join(lines))
 
 
 @app.command("verify")
-def verify(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
-    """Re-hash a model's files; for a registry model, check them against its pinned sha256s (exit 1 if not)."""
+def verify(model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the default model.")) -> None:
+    """Re-hash a model's files: a registry model against its pinned sha256s, an installed one against
+    the hashes recorded when it was installed (exit 1 if any differs)."""
     from uniseg_cli.catalog import verify_model
+    from uniseg_cli.errors import ModelFileError
 
-    for line in verify_model(model):
+    lines, changed = verify_model(model)
+    for line in lines:
         print(line)
+    if changed:
+        raise ModelFileError(f"{', '.join(changed)} changed since the model was installed; reinstall it "
+                             "(`uniseg weights download NAME --force`, or import it again)")
 
 
 @app.command("push")
@@ -102,7 +211,8 @@ def push(
 @app.command("import")
 def import_(
     checkpoint: Path = typer.Argument(..., help="The published nnU-Net v1 checkpoint, e.g. model_final_checkpoint.model."),
-    output: Path = typer.Option(..., "--output", "-o", help="Model folder to write (config.json + model.safetensors)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Model folder to write (config.json + model.safetensors)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Instead of -o: install into your model store under NAME (usable as -m NAME; the default model if none is set)."),
     plans: Optional[Path] = typer.Option(None, "--plans", help="The checkpoint's .model.pkl plans, to cross-check the inferred configuration."),
     license: str = typer.Option("", "--license", help="Licence of the weights, recorded in config.json (the published UniSeg weights are non-commercial)."),
     device: str = typer.Option("auto", "--device", help=f"Where to run the agreement check: {DEVICE_HELP}."),
@@ -113,24 +223,36 @@ def import_(
     The pickled checkpoint and plans are read through an allow-list (no code in them can run), the
     network configuration is inferred from the tensor shapes, and the written folder is reloaded and
     run on the same patch as the checkpoint to prove they agree. Prints the folder path on stdout.
+    `uniseg weights download uniseg-11task` does all of this for the published weights.
 
     \b
-    Example:
-      uniseg weights import model_final_checkpoint.model \\
-          --plans model_final_checkpoint.model.pkl -o uniseg-11task
+    Examples:
+      uniseg weights import model_final_checkpoint.model --plans model_final_checkpoint.model.pkl -o my-uniseg
+      uniseg weights import model_final_checkpoint.model --name my-uniseg     into the store, as -m my-uniseg
     """
     import logging
 
     from uniseg_cli.devices import pick_device
     from uniseg_cli.model.checkpoint_import import import_checkpoint
 
-    log = logging.getLogger("uniseg_cli")
-    target = pick_device(device)
-    if output.resolve() == checkpoint.resolve():
-        from uniseg_cli.errors import UsageError
+    from uniseg_cli.errors import UsageError
 
-        raise UsageError(f"{output}: the output folder must not be the checkpoint itself")
-    report = import_checkpoint(checkpoint, output, plans=plans, device=target, overwrite=force, license=license)
+    log = logging.getLogger("uniseg_cli")
+    if (output is None) == (name is None):
+        raise UsageError("give exactly one of --output/-o (a folder) or --name (your model store)")
+    target = pick_device(device)
+    if name is not None:
+        from uniseg_cli.weights.install import import_to_store
+
+        installed = import_to_store(checkpoint, name, plans=plans, device=target, license=license, force=force)
+        report = installed.report
+        assert report is not None
+        if installed.became_default:
+            log.info("%s is now the default model: commands without --model use it", name)
+    else:
+        if output.resolve() == checkpoint.resolve():
+            raise UsageError(f"{output}: the output folder must not be the checkpoint itself")
+        report = import_checkpoint(checkpoint, output, plans=plans, device=target, overwrite=force, license=license)
     c = report.config
     log.info("configuration: patch %s, features %s, %d tasks, %d classes, inputs %s channels",
              "×".join(map(str, c.patch_size)), list(c.stage_features), c.num_tasks, c.num_classes,

@@ -14,7 +14,7 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,17 +216,23 @@ class ImportReport:
 
 def import_checkpoint(checkpoint: str | Path, output: str | Path, *, plans: str | Path | None = None,
                       device: torch.device | str = "cpu", overwrite: bool = False,
-                      source: str = "", license: str = "") -> ImportReport:
+                      source: str = "", license: str = "",
+                      check: Callable[[UniSegConfig, Mapping[str, torch.Tensor]], None] | None = None,
+                      annotate: Callable[[Path, ImportReport], None] | None = None) -> ImportReport:
     """Convert a legacy checkpoint to a model folder and prove the folder computes the same logits.
 
     The folder is written to a temporary name, reloaded through the normal loader and run on the
     same random patch as the raw state dict; only if every tensor is bit-identical and the outputs
-    agree does it get its final name.
+    agree does it get its final name. ``check(config, state)`` may refuse the weights before anything
+    is written (a release pins its exact layout); ``annotate(folder, report)`` adds files (model card,
+    manifest) to the temporary folder, so that they appear together with the weights or not at all.
     """
     checkpoint = Path(checkpoint)
     state = read_checkpoint(checkpoint)
     config = infer_config(state, source=str(checkpoint))
     config = config.with_changes(source=source or f"converted from {checkpoint.name}", license=license)
+    if check is not None:
+        check(config, state)
     disagreements = compare_with_plans(config, read_plans(plans)) if plans is not None else []
     for line in disagreements:
         log.warning("plans disagree with the weights (the weights win): %s", line)
@@ -243,9 +249,12 @@ def import_checkpoint(checkpoint: str | Path, output: str | Path, *, plans: str 
         diff = forward_difference(raw, saved, device=torch.device(device))
         if diff > 1e-4:
             raise ModelFileError(f"{output}: the saved model's logits differ by {diff:.3g} from the checkpoint's; nothing was saved")
-    return ImportReport(output=Path(output), config=config, tensors=len(state),
-                        parameters=sum(p.numel() for p in raw.parameters()), max_abs_diff=diff,
-                        plans_disagreements=disagreements)
+        report = ImportReport(output=Path(output), config=config, tensors=len(state),
+                              parameters=sum(p.numel() for p in raw.parameters()), max_abs_diff=diff,
+                              plans_disagreements=disagreements)
+        if annotate is not None:
+            annotate(tmp, report)
+    return report
 
 
 def forward_difference(a: UniSeg, b: UniSeg, *, device: torch.device, task: int = 0) -> float:
