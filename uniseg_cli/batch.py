@@ -39,7 +39,8 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     if output is not None and not (len(cases) == 1 and plan[0][1] == output):
         make_folder(output)
     options = segmenter.window
-    log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key, model or "(default)",
+    log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key,
+             segmenter.model_name + (" (default)" if model is None else ""),
              segmenter.device, options.precision, "on" if options.mirror else "off", options.step)
     pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, emit=emit)
     with _Progress(enabled=progress and sys.stderr.isatty()) as bar, pipeline:

@@ -118,7 +118,7 @@ class RegistryEntry:
             return f"bundled:{self.path}"
         if self.repo:
             return f"{self.repo}@{self.revision}"
-        return f"release:{self.release.homepage}" if self.release else ""
+        return f"release:{self.release.homepage.removeprefix('https://github.com/')}" if self.release else ""
 
     @property
     def license_text(self) -> str | None:

@@ -100,9 +100,10 @@ class Segmenter:
             raise UsageError(f"--batch-size must be at least 1, got {window.batch_size}")
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         if isinstance(model, UniSeg):
-            self.model = model.to(self.device).eval()
+            self.model, self.model_name = model.to(self.device).eval(), "(in memory)"
         else:
-            self.model = load_model(resolve_model(model).path, device=self.device)
+            resolved = resolve_model(model)
+            self.model, self.model_name = load_model(resolved.path, device=self.device), resolved.spec
         self.window = replace(window, precision=resolve_precision(window.precision, self.device))
         self.max_memory = max_memory
 

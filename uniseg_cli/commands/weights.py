@@ -35,7 +35,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdo
     for m in models:
         installed = f"{m['installed_mib']:.1f} MiB" if m["installed_mib"] is not None else "no"
         table.add_row(m["name"] + (" (default)" if m.get("default") else ""), m["source"],
-                      str(len(m["tasks"])) if m["tasks"] else "?", m["license"] or "?", installed)
+                      str(len(m["tasks"])) if m["tasks"] else "?", m["license"].split(" (")[0] or "?", installed)
     Console(soft_wrap=False).print(table)
 
 
