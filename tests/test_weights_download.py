@@ -20,6 +20,7 @@ import torch
 from conftest import CT, DATA
 from file_server import FileServer
 from test_checkpoint_import import nnunet_v1_checkpoint, plans_file
+from test_hub import hub as hub_server  # noqa: F401  (the local Hub fixture)
 from uniseg_cli import hub
 from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.model.network import UniSeg
@@ -317,3 +318,41 @@ def test_the_shipped_release_pins_the_published_layout():
         (PLANS, "plans", "1BtqdTSxGoSF4hXc3JUaSZG9uwiEo-SxR"),
         ("plans.pkl", "training-plans", "1ybtxtH13z4wqCQSRpD1JEKLMx6mH9xBV")]
     assert entry.license_text.startswith("UniSeg for non-commercial purposes\n")
+
+
+def test_a_missing_file_on_the_mirror_is_one_line(run_cli, mirror, user_home):
+    del mirror.files[PLANS]
+    code, out, err = run_cli("weights", "download", NAME, "--accept-license", "--device", "cpu")
+    assert code == 1 and out == ""
+    assert _last(err) == f"Error: {PLANS}: {mirror.url}/{PLANS} answered HTTP 404 Not Found: the file is not there"
+    assert _stored(user_home) == []
+
+
+def test_a_hub_copy_takes_precedence_over_the_release(run_cli, hub_server, registry, mirror, small_model_dir, user_home):
+    # One entry, one download command: once the registry names a Hub copy, that is what users get.
+    from test_hub import REPO
+
+    first = hub_server.commits[0]
+    pins = {f: hub.sha256_of(small_model_dir / f) for f in ("config.json", "model.safetensors")}
+    registry.models[NAME] = dataclasses.replace(registry.models[NAME], repo=REPO, revision=first, files=pins)
+    code, _, err = run_cli("predict", CT, "--task", "kidney", "-m", NAME, "-o", user_home / "k.nii.gz")
+    assert code == 2 and "its licence (UniSeg licence: non-commercial use only" in err   # the same licence gate
+    code, out, err = run_cli("weights", "download", NAME, "--accept-license")
+    assert code == 0, err
+    assert out.strip().endswith(first) and mirror.requests == [] and _stored(user_home) == []
+    assert f"{NAME} is now the default model" in err
+    code, out, err = run_cli("weights", "verify")
+    assert code == 0 and f"OK (pinned in the registry as {NAME})" in out
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r["files"].pop(PLANS), "need one checkpoint and one plans file"),
+    (lambda r: r["files"][CHECKPOINT].update(sha256="abc"), "sha256 must be 64 hex digits or null"),
+    (lambda r: r["architecture"].update(num_classes="four"), "release architecture"),
+    (lambda r: r.pop("parameters"), "release needs exactly the keys"),
+])
+def test_malformed_release_entries_are_refused(change, message):
+    data = json.loads((hub.registry_folder() / "registry.json").read_text())
+    change(data["models"][NAME]["release"])
+    with pytest.raises(hub.RegistryError, match=message):
+        hub.parse_registry(data)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_cli.errors import ModelFileError, UnisegError
-from uniseg_cli.hub import MODEL_FILES, load_registry, model_paths, registry_folder, resolve_model, sha256_of, verify_files
+from uniseg_cli.hub import MODEL_FILES, RegistryEntry, load_registry, model_paths, registry_folder, resolve_model, sha256_of, verify_files
 from uniseg_cli.weights import store
 
 
@@ -84,8 +84,7 @@ def describe_model(spec: str | None) -> dict[str, Any]:
     """
     registry = load_registry()
     entry = registry.models.get(spec) if spec is not None else None
-    if entry is not None and entry.release is not None and entry.repo is None and store.installed_folder(entry.name) is None \
-            and not Path(spec).exists():
+    if entry is not None and entry.release is not None and not _available(entry) and not Path(spec).exists():
         release = entry.release
         return {"spec": spec, "path": None, "installed": False, "source": entry.source, "license": entry.license,
                 "license_text": entry.license_text, "description": entry.description, "tasks": list(entry.tasks),
@@ -112,6 +111,15 @@ def describe_model(spec: str | None) -> dict[str, Any]:
             "license_text": entry.license_text if entry else None,
             "parameters": parameters, "stage_features": list(config.stage_features),
             "weights_mib": round(weights_path.stat().st_size / 2**20, 2), "config": config.to_dict()}
+
+
+def _available(entry: RegistryEntry) -> bool:
+    """Whether resolving the entry would find it without asking the user anything (installed, or a Hub copy
+    whose licence was accepted: the Hub cache fetches it)."""
+    if store.installed_folder(entry.name) is not None:
+        return True
+    text = entry.license_text
+    return entry.repo is not None and (text is None or store.license_acceptance(entry.name, text) is not None)
 
 
 def verify_model(spec: str | None) -> tuple[list[str], list[str]]:

@@ -56,15 +56,27 @@ def fetch(dest: Path, *, url: str | None = None, gdrive_id: str | None = None, p
                         partial.unlink()
                     continue
                 raise DownloadFailed(f"{dest.name}: download from {origin} stopped ({first_line(exc)}); "
-                                     "run the same command again to resume it") from None
+                                     f"{_next_step(dest, gdrive_id)}") from None
             except requests.RequestException as exc:
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                if status is not None and 400 <= status < 500:
+                    raise DownloadFailed(f"{dest.name}: {origin} answered HTTP {status} "
+                                         f"{exc.response.reason}: the file is not there") from None
                 raise DownloadFailed(f"{dest.name}: cannot download from {origin} ({_reason(exc)}); "
-                                     "run the same command again to resume it") from None
+                                     f"{_next_step(dest, gdrive_id)}") from None
     if not dest.is_file():  # gdown returned without publishing the file (a Drive page it could not parse)
         raise DownloadFailed(f"{dest.name}: {origin} did not deliver the file")
     size = dest.stat().st_size
     log.info("%s: %.1f MiB in %.1f s", dest.name, size / 2**20, time.monotonic() - start)
     return dest
+
+
+def _next_step(dest: Path, gdrive_id: str | None) -> str:
+    hint = "run the same command again to resume it"
+    if gdrive_id is not None:  # Drive also refuses popular large files for a while ("too many users")
+        hint += (f"; if Google Drive keeps refusing, get {dest.name} in a browser from "
+                 f"https://drive.google.com/uc?id={gdrive_id} and install it with `uniseg weights import`")
+    return hint
 
 
 def _partials(dest: Path) -> list[Path]:

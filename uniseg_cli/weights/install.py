@@ -91,8 +91,8 @@ def _install_release(entry: RegistryEntry, release: Release, *, device: torch.de
         report = import_checkpoint(
             checkpoint, store.model_folder(entry.name), plans=downloads / release.file("plans").name, device=device,
             overwrite=True, license=entry.license,
-            source=f"{entry.description}; converted from {checkpoint.name} (sha256 {sources[checkpoint.name]['sha256']}) "
-                   f"as published at {release.homepage}",
+            source=f"Converted from {checkpoint.name} (sha256 {sources[checkpoint.name]['sha256']}) as published at "
+                   f"{release.homepage}: {entry.description}",
             check=lambda config, state: check_layout(config, state, release, name=entry.name, source=checkpoint.name),
             annotate=lambda folder, report: _annotate(folder, report, name=entry.name, kind="release",
                                                       sources=sources, license_text=text, license=license_record))
