@@ -77,9 +77,9 @@ def _last(err: str) -> str:
 def test_the_licence_must_be_accepted_and_nothing_is_fetched_before(run_cli, mirror, user_home):
     code, out, err = run_cli("weights", "download", NAME)         # stdin is not a terminal under pytest
     assert code == 2 and out == ""
-    assert err.strip() == (f"Error: {NAME}: its weights are licensed for UniSeg licence: non-commercial use only "
-                           f"(commercial licence from the authors); accept the licence with `uniseg weights download "
-                           f"{NAME} --accept-license` (read it first with `uniseg weights info {NAME}`)")
+    assert err.strip() == (f"Error: {NAME}: its licence must be accepted first (UniSeg licence: non-commercial use "
+                           f"only (commercial licence from the authors)): read it with `uniseg weights info {NAME}`, "
+                           f"then run `uniseg weights download {NAME} --accept-license`")
     assert mirror.requests == [] and _stored(user_home) == [] and not (user_home / "settings.json").exists()
     code, out, _ = run_cli("weights", "info", NAME)              # the licence, in full, before any download
     assert code == 0 and "UniSeg for non-commercial purposes" in out and "not installed" in out
@@ -214,6 +214,14 @@ def test_tampered_files_are_refused_and_nothing_is_stored(run_cli, mirror, regis
         "another shape (fusion_layer.blocks.0.conv.weight: file (1, 1, 3, 3, 3)")
     assert _stored(user_home) == [] and not (user_home / "downloads" / NAME).exists()
     assert "default_model" not in json.loads((user_home / "settings.json").read_text())
+
+    checkpoint = nnunet_v1_checkpoint(UniSeg(small_config()))
+    checkpoint["state_dict"]["extra_head.weight"] = torch.zeros(3)                          # one key too many
+    torch.save(checkpoint, path)
+    mirror.files[CHECKPOINT] = path.read_bytes()
+    code, _, err = run_cli("weights", "download", NAME, "--device", "cpu")
+    assert code == 1 and "does not match its configuration: 1 tensor(s) unexpected (extra_head.weight)" in _last(err)
+    assert _stored(user_home) == []
 
     wider = nnunet_v1_checkpoint(UniSeg(small_config().with_changes(base_features=8)))   # a consistent, other net
     torch.save(wider, path)

@@ -57,7 +57,7 @@ def main() -> int:
 **A demonstration model, not a medical device and not a research result.** It exists so that
 `uniseg predict` runs offline on a fresh install and the whole toolchain (`preprocess`, `train`, `predict`,
 `evaluate`, `finetune`, `export`) can be tried in minutes on a CPU. Its segmentations are rough. For real
-use, take the published UniSeg weights (`uniseg weights import`, see the project README) or train your own.
+use, take the published UniSeg weights (`uniseg weights download uniseg-11task`) or train your own.
 
 ## What it is
 

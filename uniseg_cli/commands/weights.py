@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from uniseg_cli.devices import DEVICE_HELP
+
+if TYPE_CHECKING:
+    from uniseg_cli.hub import RegistryEntry
 
 app = typer.Typer(help="Model weights: list, download, set the default, inspect, verify, convert and publish models.",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -72,9 +75,11 @@ def download(
         print(resolve_model(model).path)
         return
     from uniseg_cli.devices import pick_device
+    from uniseg_cli.weights import store
     from uniseg_cli.weights.install import install
 
-    _accept_license_once(entry, accept_license)
+    if force or store.installed_folder(entry.name) is None:
+        _accept_license_once(entry, accept_license, show=not (quiet and accept_license))
     installed = install(entry, device=pick_device(device), progress=not quiet, force=force)
     log = logging.getLogger("uniseg_cli")
     if installed.already:
@@ -88,7 +93,7 @@ def download(
     print(installed.folder)
 
 
-def _accept_license_once(entry, accept: bool) -> None:
+def _accept_license_once(entry: RegistryEntry, accept: bool, *, show: bool) -> None:
     """Show a licence not yet accepted and take the user's acceptance (flag, or y/N on a terminal)."""
     import sys
 
@@ -99,10 +104,11 @@ def _accept_license_once(entry, accept: bool) -> None:
     if text is None or store.license_acceptance(entry.name, text) is not None:
         return
     if not accept and not sys.stdin.isatty():
-        raise UsageError(f"{entry.name}: its weights are licensed for {entry.license}; accept the licence with "
-                         f"`uniseg weights download {entry.name} --accept-license` (read it first with "
-                         f"`uniseg weights info {entry.name}`)")
-    typer.echo(f"Licence of the {entry.name} weights:\n\n{text.strip()}\n", err=True)
+        raise UsageError(f"{entry.name}: its licence must be accepted first ({entry.license}): read it with "
+                         f"`uniseg weights info {entry.name}`, then run `uniseg weights download {entry.name} "
+                         "--accept-license`")
+    if show:
+        typer.echo(f"Licence of the {entry.name} weights:\n\n{text.strip()}\n", err=True)
     if not accept and not typer.confirm(f"Accept the licence of {entry.name}?", default=False, err=True):
         raise UnisegError(f"{entry.name}: licence not accepted; nothing was downloaded")
     store.accept_license(entry.name, text)
