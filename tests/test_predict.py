@@ -235,3 +235,36 @@ def test_max_memory_refuses_what_cannot_fit_and_slabs_the_export(run_cli, small_
     tight = Segmenter(small_model_dir, device="cpu", window=window, max_memory=needed + 3 * 101 * 122 * 4 * 2)
     assert tight._memory_budget(x, group, info, inputs.shape) == 3 * 101 * 122 * 4 * 2   # two rows per slab
     np.testing.assert_array_equal(tight.run(inputs).labels, free.labels)
+
+
+def test_task_all_lets_the_later_task_win_whatever_the_spacing_groups(ct_volume):
+    # kidney and spleen share a spacing, vertebrae (between them in task order) has its own: the groups
+    # run kidney+spleen first and vertebrae last, but where spleen and vertebrae overlap spleen must win.
+    import dataclasses
+
+    import torch
+
+    from uniseg_cli.config import small_config
+    from uniseg_cli.model.network import UniSeg
+    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.tasks import UPSTREAM_TASKS
+
+    by_key = {t.key: t for t in UPSTREAM_TASKS}
+    tasks = tuple(dataclasses.replace(by_key[key], id=i, target_spacing=spacing) for i, (key, spacing) in
+                  enumerate([("kidney", (8.0, 4.0, 4.0)), ("vertebrae", (8.0, 6.0, 6.0)), ("spleen", (8.0, 4.0, 4.0))]))
+    torch.manual_seed(3)
+    segmenter = Segmenter(UniSeg(small_config(tasks=tasks)), device="cpu", window=WindowOptions(mirror=False))
+    spacing = (3.0, 3.0, 3.0)
+    merged = segmenter.predict_array(ct_volume, spacing, "all").labels
+    expected = np.zeros_like(merged)
+    offset = 0
+    for task in tasks:                                    # the documented rule, written out: in task order,
+        labels = segmenter.predict_array(ct_volume, spacing, task.key).labels   # a labelled voxel overwrites
+        expected[labels > 0] = labels[labels > 0] + offset
+        offset += len(task.labels)
+    spleen, vertebrae = expected == 4, np.isin(expected, [3])
+    overlap = (segmenter.predict_array(ct_volume, spacing, "vertebrae").labels > 0) & spleen
+    assert overlap.sum() > 100                           # the case the rule is about does occur here
+    assert np.array_equal(merged, expected)
+    assert set(np.unique(merged)) - {0} == {1, 2, 3, 4} and vertebrae.any()

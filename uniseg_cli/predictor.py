@@ -199,6 +199,10 @@ class Segmenter:
         """The network half: sliding window per group, probabilities back to the input grid, merged labels."""
         single = sum(len(group) for group, _, _ in inputs.groups) == 1
         merged = None if single else np.zeros(inputs.shape, dtype=np.uint8)
+        # Groups run in spacing order, not task order: where tasks overlap the later task must win, so
+        # each voxel remembers the rank (1 + position in task order) of the task that labelled it.
+        rank = {key: i + 1 for i, key in enumerate(inputs.offsets)}
+        owner = None if single else np.zeros(inputs.shape, dtype=np.uint8)
         saved: dict[str, np.ndarray] = {}
         for group, x, info in inputs.groups:
             slab_bytes = self._memory_budget(x, group, info, inputs.shape)
@@ -215,8 +219,9 @@ class Segmenter:
                     if single:  # one task: its map is the output (shifted only for the merged numbering)
                         merged = labels + np.uint8(offset) * (labels > 0) if offset else labels
                         continue
-                    hit = labels > 0
+                    hit = (labels > 0) & (owner < rank[task_.key])
                     merged[hit] = labels[hit] + offset
+                    owner[hit] = rank[task_.key]
         return Prediction(merged, inputs.legend, saved)
 
     def _memory_budget(self, x: torch.Tensor, group: Sequence[Task], info: CropInfo, shape: Sequence[int]) -> int:
