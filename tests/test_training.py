@@ -184,3 +184,26 @@ def test_ddp_two_gloo_processes_keep_identical_weights(kidney_prep, tmp_path):
     first, second = end["weights_checksum_per_rank"]
     assert first == second
     assert Path(out / "model.safetensors").exists()
+
+
+def test_split_file_folds_are_used_and_bad_ones_are_one_line(run_cli, kidney_prep, tmp_path):
+    split = tmp_path / "splits_final.json"                # nnU-Net's form: a list of folds for one task
+    split.write_text(json.dumps([{"train": ["ct0", "ct1"], "val": ["ct2"]}, {"train": ["ct2"], "val": ["ct0"]}]))
+    out = tmp_path / "model"
+    code, _, err = run_cli("train", kidney_prep, "-o", out, "--preset", "small", "--epochs", "1", "--batches-per-task",
+                           "1", "--device", "cpu", "-j", "0", "--split-file", split, "--fold", "1", "-q")
+    assert code == 0, err
+    assert json.loads((out / "splits.json").read_text())["kidney_slabs"][1] == {"train": ["ct2"], "val": ["ct0"]}
+    assert list(json.loads((out / "training_log.jsonl").read_text().splitlines()[0])["dice"]["kidney_slabs"]) == ["kidney"]
+
+    code, _, err = run_cli("train", kidney_prep, "-o", tmp_path / "seven", "--preset", "small", "--device", "cpu",
+                           "--split-file", split, "--fold", "7")
+    assert code == 2 and err.strip() == "Error: --fold 7: task 'kidney_slabs' has 2 fold(s), numbered 0 to 1"
+    split.write_text(json.dumps([{"train": ["ct0", "ct1"]}]))
+    code, _, err = run_cli("train", kidney_prep, "-o", tmp_path / "noval", "--preset", "small", "--device", "cpu",
+                           "--split-file", split)
+    assert code == 2 and err.strip() == (f"Error: {split}: task 'kidney_slabs': every fold needs train and val lists "
+                                         "of case names (val may be empty)")
+    code, _, err = run_cli("train", kidney_prep, "-o", tmp_path / "default", "--preset", "small", "--device", "cpu",
+                           "--fold", "5")                 # the 3 cases make 3 folds
+    assert code == 2 and err.strip() == "Error: --fold 5: task 'kidney_slabs' has 3 fold(s), numbered 0 to 2"

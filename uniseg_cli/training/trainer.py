@@ -144,8 +144,9 @@ def read_splits(path: Path, tasks: Sequence[TaskData]) -> dict[str, list[dict[st
         if not isinstance(folds, list) or not folds:
             raise UsageError(f"{path}: no folds for task {data.task.key!r}")
         for fold in folds:
-            if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or not isinstance(fold.get("val", []), list):
-                raise UsageError(f"{path}: task {data.task.key!r}: every fold needs train (and val) lists of case names")
+            if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or not isinstance(fold.get("val"), list):
+                raise UsageError(f"{path}: task {data.task.key!r}: every fold needs train and val lists of case names "
+                                 "(val may be empty)")
             unknown = (set(fold["train"]) | set(fold.get("val", []))) - set(data.cases)
             if unknown:
                 raise UsageError(f"{path}: task {data.task.key!r} names unknown case(s) {sorted(unknown)[:3]}")
@@ -161,7 +162,9 @@ def select_fold(splits: dict[str, list[dict[str, list[str]]]], tasks: Sequence[T
             chosen.append((sorted(data.cases), []))
             continue
         folds = splits[data.task.key]
-        entry = folds[int(fold) % len(folds)]
+        if int(fold) >= len(folds):
+            raise UsageError(f"--fold {fold}: task {data.task.key!r} has {len(folds)} fold(s), numbered 0 to {len(folds) - 1}")
+        entry = folds[int(fold)]
         chosen.append((list(entry["train"]), list(entry["val"])))
         if not entry["train"]:
             raise UsageError(f"task {data.task.key!r}: fold {fold} leaves no training cases")
