@@ -143,3 +143,17 @@ def test_preprocessing_runs_on_the_gpu_and_falls_back_to_the_cpu_when_its_memory
     assert devices == ["cuda", "cpu"]                          # tried on the GPU first, then the CPU
     assert "out of cuda memory for pre-processing; doing it on the CPU" in caplog.text
     assert torch.equal(again.groups[0][1], prepared.groups[0][1])
+
+
+def test_one_default_precision_for_the_command_the_api_and_validation(small_model, ct_patch, coarse_model_dir):
+    from uniseg_cli.predictor import Segmenter
+
+    assert WindowOptions().precision == "auto"                 # was fp32 here while predict said auto
+    assert Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False)).window.precision == \
+        resolve_precision("auto", torch.device("cpu"))
+    with torch.inference_mode():
+        auto = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]
+        fp32 = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False, precision="fp32"))[0]
+        assert torch.equal(auto, fp32)                           # auto is fp32 on a CPU
+        with pytest.raises(UsageError, match="--precision must be one of"):
+            sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(precision="fp8"))   # was: silently fp32

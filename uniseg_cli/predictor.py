@@ -93,7 +93,7 @@ class Segmenter:
     """
 
     def __init__(self, model: str | Path | UniSeg | None, *, device: str | torch.device = "auto",
-                 window: WindowOptions = WindowOptions(precision="auto"), max_memory: int | None = None) -> None:
+                 window: WindowOptions = WindowOptions(), max_memory: int | None = None) -> None:
         if not 0 < window.step <= 1:
             raise UsageError(f"--step must be in (0, 1], got {window.step}")
         if window.batch_size < 1:

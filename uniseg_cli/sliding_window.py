@@ -18,7 +18,7 @@ import torch
 
 from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.runtime import precision_context
+from uniseg_cli.runtime import precision_context, resolve_precision
 
 MIRROR_AXES = (2, 3, 4)  # z, y, x of a (batch, channels, z, y, x) tensor
 
@@ -82,13 +82,15 @@ def pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.T
 class WindowOptions:
     """How to slide: ``step`` as a fraction of the patch (0.5 = half-overlapping tiles, the published
     default), ``mirror`` for 8-way mirroring TTA (on by default, as published), ``batch_size`` tiles
-    per forward pass (more uses more memory, same result), ``precision`` of the network
-    (``fp32``, or autocast ``bf16``/``fp16``; probabilities are always accumulated in float32)."""
+    per forward pass (more uses more memory, same result), ``precision`` of the network (``auto``:
+    fp16 autocast on CUDA, fp32 elsewhere; ``fast``, ``fp32``, ``bf16``, ``fp16``: see
+    ``runtime.resolve_precision``; probabilities are always accumulated in float32). One default for
+    the command, the Python API and training's validation."""
 
     step: float = 0.5
     mirror: bool = True
     batch_size: int = 1
-    precision: str = "fp32"
+    precision: str = "auto"
 
 
 def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, int]],
@@ -106,6 +108,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
     patch = model.config.patch_size
     padded, crop = pad_to_patch(data, patch)
     device = padded.device
+    precision = resolve_precision(options.precision, device)
     results = accumulate_on or device
     gaussian = _gaussian_on(tuple(patch), torch.device(results))
     sums = [torch.zeros((k, *padded.shape[1:]), dtype=torch.float32, device=results) for _, k in tasks]
@@ -124,7 +127,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
         batch_corners = corners[first:first + options.batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
         x = torch.stack([padded[(slice(None), *w)] for w in windows])
-        with precision_context(options.precision, device), inference_kernels(device):
+        with precision_context(precision, device), inference_kernels(device):
             predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors, mirror_done)]
         for i, window in enumerate(windows):
             weights[window] += gaussian

@@ -40,7 +40,6 @@ from uniseg_cli.model.files import save_model, write_weights
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.preprocessed import TaskData, read_plan
 from uniseg_cli.progress import counting_bar
-from uniseg_cli.runtime import resolve_precision
 from uniseg_cli.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.training.augment import augment_batch
 from uniseg_cli.training.loss import deep_supervision_loss
@@ -453,7 +452,7 @@ def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Se
     A class absent from both prediction and reference in every case has no Dice (None).
     """
     model.eval()
-    window = WindowOptions(step=0.5, mirror=False, precision=resolve_precision("auto", device))
+    window = WindowOptions(step=0.5, mirror=False)
     try:
         result = {}
         for data, names in zip(tasks, cases):
