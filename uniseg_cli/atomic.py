@@ -91,15 +91,17 @@ def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[P
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
     except OSError as exc:
         raise UnisegError(f"{dest}: cannot create the output folder ({exc.strerror or exc})") from None
+    old = None
     try:
         yield tmp
-        old = None
         if dest.exists():
             old = parent / f".{dest.name}.{os.getpid()}.old"
             dest.rename(old)
         publish(tmp, dest, folder=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dest.exists():  # the new folder never arrived: put the old one back
+            old.rename(dest)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
