@@ -195,3 +195,22 @@ def test_known_tasks_can_come_from_a_model(run_cli, kidney_dataset, tmp_path):
     assert code == 0, err
     task = json.loads((tmp_path / "prep/plan.json").read_text())["tasks"][0]["task"]
     assert task["key"] == "kidney" and task["target_spacing"] == [3.0, 3.0, 3.0]
+
+
+def test_memory_and_a_corrupt_plan_are_named_for_what_they_are(run_cli, kidney_dataset, tmp_path, monkeypatch):
+    from uniseg_cli import imageio
+    from uniseg_cli.imageio import ImageError, read_image
+
+    def no_memory(path):
+        raise MemoryError()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(imageio, "_read_nifti", no_memory)
+        with pytest.raises(ImageError, match=r"ct0_0000.nii.gz: not enough memory to read the image$"):
+            read_image(kidney_dataset / "imagesTr/ct0_0000.nii.gz")    # was: "cannot read the image (MemoryError)"
+
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "plan.json").write_text("{ truncated")
+    line = _one_error(run_cli, "-d", f"kidney={kidney_dataset}", "-o", out)
+    assert f"{out / 'plan.json'}: unreadable (" in line and "remove" in line   # was: "other datasets or tasks"

@@ -90,6 +90,8 @@ def read_image(path: str | Path, *, nan_to_zero: bool = True) -> tuple[np.ndarra
             raise ImageError(f"{path}: unsupported file type (use {', '.join(IMAGE_ENDINGS)} or a DICOM folder)")
     except ImageError:
         raise
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory to read the image") from None
     except Exception as exc:  # every reader fails its own way on corrupt files
         raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
     if nan_to_zero and np.isnan(data).any():

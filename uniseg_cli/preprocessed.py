@@ -32,7 +32,7 @@ from uniseg_cli.datasets import (
     CaseCheck, Dataset, DatasetError, TrainingCase, attach_task, check_case, default_task_key, known_key, label_classes,
     median_spacing, parse_dataset_spec, read_dataset, renumber,
 )
-from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.errors import UnisegError, UsageError, first_line
 from uniseg_cli.imageio import read_channels, read_image
 from uniseg_cli.jsonfile import read_json
 from uniseg_cli.preprocessing import preprocess, preprocess_labels
@@ -174,8 +174,8 @@ def _write_plan(output: Path, plan: dict[str, Any]) -> None:
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UnisegError(f"{path}: unreadable ({first_line(exc)}); remove {output} to pre-process again") from None
         if old != plan:
             raise UsageError(f"{output}: holds a pre-processing of other datasets or tasks; use another output folder")
         return
