@@ -158,3 +158,35 @@ def test_rerun_reuses_the_preprocessing_and_resume_continues(run_cli, small_mode
     assert cached.stat().st_mtime_ns == stamp                                   # not pre-processed again
     epochs = [json.loads(line).get("epoch") for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert [e for e in epochs if e is not None] == [1, 2]
+
+
+def test_workers_step_and_the_default_model_reach_their_steps(run_cli, small_model_dir, kidney_dataset, tmp_path,
+                                                              monkeypatch):
+    # -j was ignored by pre-processing and the evaluation's step was fixed at 0.5; without -m the
+    # default model is used and named in the model's source.
+    from uniseg_cli import finetuning
+
+    seen = {}
+    real = finetuning.preprocess_datasets
+
+    def preprocess(*args, **kwargs):
+        seen["workers"] = kwargs["workers"]
+        return real(*args, **kwargs)
+
+    def train(cache, output, *, config, **kwargs):
+        seen["source"] = config.source
+        return None
+
+    def evaluate(output, data, options, tolerance, *, window):
+        seen["window"] = window
+        return None
+
+    monkeypatch.setattr(finetuning, "preprocess_datasets", preprocess)
+    monkeypatch.setattr(finetuning, "train", train)
+    monkeypatch.setattr(finetuning, "evaluate_validation", evaluate)
+    monkeypatch.setenv("UNISEG_MODEL", str(small_model_dir))
+    code, _, err = run_cli("finetune", kidney_dataset, "-o", tmp_path / "ft", "-j", "1", "--step", "0.75", "--no-tta",
+                           "-q")
+    assert code == 0, err
+    assert seen["workers"] == 1 and seen["window"].step == 0.75 and not seen["window"].mirror
+    assert f"from {small_model_dir} on" in seen["source"]

@@ -37,6 +37,7 @@ from uniseg_cli.imageio import read_channels, read_image
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.preprocessed import TaskData, preprocess_datasets
+from uniseg_cli.sliding_window import WindowOptions
 from uniseg_cli.tasks import Task
 from uniseg_cli.training.trainer import (
     SPLITS_NAME, TrainOptions, TrainResult, Trainable, read_splits, select_fold, train,
@@ -170,15 +171,18 @@ class FinetuneResult:
 def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode: str = "downstream",
              task_name: str | None = None, freeze_upstream: bool = False, preprocessed: str | Path | None = None,
              target_spacing: tuple[float, float, float] | None = None, workers: int | None = None,
-             tolerance: float = 1.0, tta: bool = True, options: TrainOptions = TrainOptions(epochs=FINETUNE_EPOCHS,
-                                                                            batches_per_task=FINETUNE_BATCHES)) -> FinetuneResult:
-    """Check and pre-process ``dataset`` (cached), adapt the pretrained model, train, evaluate."""
+             tolerance: float = 1.0, window: WindowOptions = WindowOptions(),
+             options: TrainOptions = TrainOptions(epochs=FINETUNE_EPOCHS, batches_per_task=FINETUNE_BATCHES)
+             ) -> FinetuneResult:
+    """Check and pre-process ``dataset`` (cached), adapt the pretrained model, train, and evaluate the
+    held-out cases with ``window`` (predict's options: the same defaults, the same flags)."""
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if freeze_upstream and mode != "new-task":
         raise UsageError("--freeze-upstream applies to --mode new-task")
     dataset, output = Path(dataset), Path(output)
-    pretrained = load_model(resolve_model(model).path)
+    resolved = resolve_model(model)
+    pretrained = load_model(resolved.path)
     key = (task_name or default_task_key(dataset)).lower()
     cache = Path(preprocessed) if preprocessed else output.parent / f"{output.name}-preprocessed"
     log.info("pre-processing %s into %s (reused when it is already there)", dataset, cache)
@@ -189,27 +193,26 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
     for note in surgery.notes:
         log.info("%s", note)
     config = surgery.model.config.with_changes(
-        source=f"fine-tuned ({mode}) with `uniseg finetune` from {model} on {data.dataset} ({len(data.cases)} cases); "
+        source=f"fine-tuned ({mode}) with `uniseg finetune` from {resolved.spec} on {data.dataset} ({len(data.cases)} cases); "
                f"pretrained: {pretrained.config.source or 'not recorded'}")
     training = train(cache, output, config=config, options=options,
                      init_state=None if options.resume else surgery.model.state_dict(), trainable=surgery.trainable)
-    evaluation = evaluate_validation(output, data, options, tolerance, tta=tta)
+    evaluation = evaluate_validation(output, data, options, tolerance, window=window)
     return FinetuneResult(training, evaluation)
 
 
 def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tolerance: float, *,
-                        tta: bool = True) -> dict[str, Any] | None:
+                        window: WindowOptions = WindowOptions()) -> dict[str, Any] | None:
     """Segment the fold's held-out cases from their raw files with the final model (``predict``'s
-    pipeline and defaults: step 0.5, mirroring unless ``tta`` is off) and score them against their raw
-    label maps: ``evaluation.json``."""
+    pipeline, with ``window``'s step, mirroring and precision) and score them against their raw label
+    maps: ``evaluation.json``."""
     from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
 
     [(_, held_out)] = select_fold(read_splits(output / SPLITS_NAME, [data]), [data], options.fold)
     if not held_out:
         log.info("no held-out cases (fold %s): no evaluation.json", options.fold)
         return None
-    segmenter = Segmenter(output, device=options.device, window=WindowOptions(mirror=tta))
+    segmenter = Segmenter(output, device=options.device, window=window)
     cases: list[CaseScores] = []
     for name in held_out:
         props = data.properties(name)

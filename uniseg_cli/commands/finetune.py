@@ -31,8 +31,9 @@ def finetune(
     preprocessed: Optional[Path] = typer.Option(None, "--preprocessed", help="Where to keep the pre-processed dataset (default: <output>-preprocessed beside the output; reused on rerun)."),
     tolerance: float = typer.Option(1.0, "--tolerance", help="Surface Dice tolerance (mm) of the final evaluation."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring in the final evaluation's predictions (default on, as predict)."),
+    step: float = typer.Option(0.5, "--step", min=0.01, max=1.0, help="Tile step of the final evaluation's predictions, as a fraction of the patch (default 0.5, as predict)."),
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
-    workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading worker processes."),
+    workers: int = typer.Option(2, "--workers", "-j", min=0, help="Worker processes for pre-processing and for data loading (0: data loading in this process)."),
     seed: int = typer.Option(0, "--seed", help="Seed of new weights and of every batch."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
@@ -53,6 +54,7 @@ def finetune(
     tune_allocator(prefer="speed")  # this process only, see uniseg_cli/allocator.py
     from uniseg_cli.errors import UsageError
     from uniseg_cli.finetuning import finetune as run
+    from uniseg_cli.sliding_window import WindowOptions
     from uniseg_cli.training.trainer import TrainOptions
 
     if quiet:
@@ -66,7 +68,8 @@ def finetune(
                            device=device, workers=workers, seed=seed, resume=resume, progress=not quiet,
                            freeze_encoder_epochs=freeze_encoder)
     result = run(dataset, output, model=model, mode=mode, task_name=task_name, freeze_upstream=freeze_upstream,
-                 preprocessed=preprocessed, target_spacing=spacing, workers=None, tolerance=tolerance, tta=tta,
+                 preprocessed=preprocessed, target_spacing=spacing, workers=max(workers, 1), tolerance=tolerance,
+                 window=WindowOptions(step=step, mirror=tta),
                  options=options)
     if result.evaluation is not None:
         summary = result.evaluation["summary"]

@@ -14,7 +14,7 @@ from uniseg_cli.devices import DEVICE_HELP
 
 
 def predict(
-    inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Scan files (.nii, .nii.gz, .nrrd, .mha, .mhd), DICOM series folders, folders of scans, comma-separated channel lists (t1.nii.gz,t1ce.nii.gz,…), or - to read one case per line from stdin."),
+    inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Scan files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders of scans, comma-separated channel lists (t1.nii.gz,t1ce.nii.gz,…), or - to read one case per line from stdin."),
     task: str = typer.Option(..., "--task", "-t", help="Task key, alias or id (kidney, kidn, 1), or 'all' for every task that fits the input, merged into one map. See `uniseg tasks`."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a folder, an installed or registry name (`uniseg weights list`) or a Hub name owner/name[@revision]. Default: $UNISEG_MODEL, else `uniseg weights default` (set by the first `uniseg weights download`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (one case) or folder. Default: <case>_<task>.nii.gz in the current folder."),
