@@ -124,3 +124,35 @@ def test_cuda_tile_loop_never_waits_for_the_gpu(small_model, ct_volume):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert [tuple(o.shape) for o in outputs] == [(3, 50, 80, 90), (2, 50, 80, 90)] and outputs[0].is_cuda
+
+
+def test_overlapping_tiles_blend_as_a_gaussian_weighted_average(small_model, ct_volume):
+    # Written out from nnU-Net's definition, without the module's helpers: every tile's softmax times
+    # the Gaussian map, summed, divided by the summed maps. Uniform weights or a wrong tile grid fail.
+    from uniseg_cli.model.blocks import inference_kernels
+
+    patch = small_model.config.patch_size
+    z, y, x = (s // 2 for s in ct_volume.shape)
+    case = ct_volume[z - 24:z + 24, y - 50:y + 50, x - 50:x + 50]          # 48×100×100: 2×3×3 tiles at step 0.5
+    data = torch.from_numpy((np.clip(case, -325, 325) + 325) / 650)[None].float()
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    gaussian = gaussian_filter(impulse, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    gaussian = gaussian / gaussian.max()
+    gaussian[gaussian == 0] = gaussian[gaussian != 0].min()
+    starts = nnunet_steps(patch, case.shape, 0.5)
+    assert [len(s) for s in starts] == [2, 3, 3]
+    weighted, uniform = np.zeros((3, *case.shape)), np.zeros((3, *case.shape))
+    weights, counts = np.zeros(case.shape), np.zeros(case.shape)
+    with torch.inference_mode(), inference_kernels(torch.device("cpu")):
+        for corner in itertools.product(*starts):
+            window = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+            probs = torch.softmax(small_model(data[(slice(None), *window)][None], 1), dim=1)[0, :3].double().numpy()
+            weighted[(slice(None), *window)] += probs * gaussian
+            weights[window] += gaussian
+            uniform[(slice(None), *window)] += probs
+            counts[window] += 1
+    with torch.inference_mode():
+        ours = sliding_window(small_model, data, [(1, 3)], WindowOptions(mirror=False, step=0.5, precision="fp32"))[0]
+    np.testing.assert_allclose(ours.numpy(), weighted / weights, atol=1e-5)   # float32 accumulation
+    assert not np.allclose(ours.numpy(), uniform / counts, atol=1e-4)          # the check can tell them apart
