@@ -42,7 +42,12 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_output(small_model_dir, tmp_path
     script = (
         "import os, signal, sys, threading\n"
         "from uniseg_cli.cli import main\n"
-        "threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "import uniseg_cli.predictor as predictor\n"
+        "window = predictor.sliding_window\n"
+        "def interrupted(*args, **kwargs):\n"        # Ctrl-C once the network is running, every time
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return window(*args, **kwargs)\n"
+        "predictor.sliding_window = interrupted\n"
         f"sys.exit(main(['predict', {str(CT)!r}, '-t', 'kidney', '-m', {str(small_model_dir)!r}, "
         f"'-o', {str(tmp_path / 'k.nii.gz')!r}, '--device', 'cpu']))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

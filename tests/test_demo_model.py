@@ -26,14 +26,15 @@ def test_quickstart_segments_the_example_ct_offline(run_cli, tmp_path, monkeypat
     import nibabel as nib
 
     from uniseg_cli.imageio import read_image
-    from uniseg_cli.runtime import native_bf16_cpu
+    from uniseg_cli.devices import pick_device
+    from uniseg_cli.runtime import resolve_precision
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "kidney.nii.gz"
     code, stdout, err = run_cli("predict", CT, "--task", "kidney", "-m", "uniseg-demo", "--fast", "-o", out, "--json")
     assert code == 0, err
-    precision = "bf16" if native_bf16_cpu() else "fp32"  # the preset's precision on this CPU
-    assert f"on cpu ({precision}, TTA off, step 0.75)" in err
+    device = pick_device("auto")                                # what the command picks on this machine
+    assert f"on {device} ({resolve_precision('fast', device)}, TTA off, step 0.75)" in err
     record = json.loads(stdout)
     labels, geometry = read_image(out)
     assert geometry.same_grid(read_image(CT)[1])
