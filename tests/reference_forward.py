@@ -1,4 +1,4 @@
-"""An independent, functional statement of the published UniSeg forward, read off DESIGN.md §1.
+"""An independent, functional statement of the published UniSeg forward, read off docs/pipeline.md §1.
 
 It uses only the state dict and torch.nn.functional, with the published strides, eps and slope
 written out, so a test comparing it with ``UniSeg`` checks layer order and hyper-parameters rather

@@ -186,7 +186,7 @@ def test_one_output_file_for_several_cases_is_a_usage_error(run_cli, coarse_mode
 
 
 def test_all_keeps_the_merged_numbering_when_one_task_fits(run_cli, coarse_model_dir, tmp_path):
-    # Two channels: only the CT+PET lesion task fits; its label is 17 in the merged map, as in DESIGN.md §2.
+    # Two channels: only the CT+PET lesion task fits; its label is 17 in the merged map, as in docs/pipeline.md §2.
     code, stdout, err = run_cli("predict", f"{CT},{CT}", "-t", "all", "-m", coarse_model_dir, "-o", tmp_path,
                                 "--json", "--no-tta")
     assert code == 0, err

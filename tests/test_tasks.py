@@ -17,7 +17,7 @@ def test_the_eleven_upstream_tasks():
         "liver", "kidney", "hepatic_vessel", "pancreas", "colon", "lung", "spleen", "vertebrae", "prostate",
         "brain_tumor", "pet_lesion"]
     assert [t.id for t in UPSTREAM_TASKS] == list(range(11))
-    # The merged "all tasks" map of DESIGN.md §2 has 17 foreground labels.
+    # The merged "all tasks" map of docs/pipeline.md §2 has 17 foreground labels.
     assert sum(len(t.labels) for t in UPSTREAM_TASKS) == 17
     brain = resolve_task("brain_tumor")
     assert [c.name for c in brain.channels] == ["T1", "T1ce", "T2", "FLAIR"] and brain.target_spacing == (1, 1, 1)

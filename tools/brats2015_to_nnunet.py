@@ -3,7 +3,7 @@
     python tools/brats2015_to_nnunet.py OUT_FOLDER [--shared ../shared/data]
 
 Channels FLAIR (0000) and post-contrast T1 (0001), as the source provides them (already z-scored inside
-the brain mask). Labels mapped to the registry's brain-tumour classes (DESIGN.md §2): edema 2 → 1,
+the brain mask). Labels mapped to the registry's brain-tumour classes (docs/pipeline.md §2): edema 2 → 1,
 necrosis 1 and non-enhancing 3 → 2 (the tumour core without enhancement), enhancing 4 → 3. Also writes
 OUT_FOLDER/splits.json: train/ cases for training, validation/ cases held out (one fold).
 The data are CC BY-NC-SA 3.0: do not ship the output.

@@ -4,7 +4,7 @@ A dataset is read from its ``dataset.json``; each is attached to a task, either 
 already knows (``kidney=./Dataset001_KiTS``: its channels, spacing and classes) or a new task made
 from the dataset (its channel names, labels and median spacing). The foreground labels are taken in
 the order ``dataset.json`` lists them and become the task's classes 1, 2, …; so a BraTS dataset
-listing ``edema: 2, non-enhancing: 1, enhancing: 4`` maps 2→1, 1→2, 4→3 as DESIGN.md §2 asks.
+listing ``edema: 2, non-enhancing: 1, enhancing: 4`` maps 2→1, 1→2, 4→3 as docs/pipeline.md §2 asks.
 
 Plain data and numpy; the integrity check reads every file before any pre-processing starts.
 """

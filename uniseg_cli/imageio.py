@@ -74,7 +74,7 @@ class Geometry:
 def read_image(path: str | Path, *, nan_to_zero: bool = True) -> tuple[np.ndarray, Geometry]:
     """One scan file or DICOM series folder as a float32 ``(channels, z, y, x)`` array and its geometry.
 
-    NaN becomes 0 (DESIGN.md §3) unless ``nan_to_zero`` is off (the training-data check refuses NaN).
+    NaN becomes 0 (docs/pipeline.md §3) unless ``nan_to_zero`` is off (the training-data check refuses NaN).
     """
     path = Path(path)
     if not path.exists():

@@ -137,7 +137,7 @@ class Segmenter:
 
     def legend(self, tasks: Sequence[Task], *, merged: bool) -> tuple[list[Label], dict[str, int]]:
         """Label values of the written map: the task's own for one task; for ``all`` (even when only one
-        task fits), the merged numbering of DESIGN.md §2 (each task's labels after all earlier tasks')."""
+        task fits), the merged numbering of docs/pipeline.md §2 (each task's labels after all earlier tasks')."""
         if not merged:
             task = tasks[0]
             return [Label(i + 1, name, task.key) for i, name in enumerate(task.labels)], {task.key: 0}

@@ -1,4 +1,4 @@
-"""Pre-processing (DESIGN.md §3), the one code path for training and inference, and its inverse.
+"""Pre-processing (docs/pipeline.md §3), the one code path for training and inference, and its inverse.
 
 Arrays are ``(channels, z, y, x)``; spacings ``(z, y, x)`` in mm. The resampling reproduces
 nnU-Net v1's ``resample_data_or_seg``: scikit-image's ``resize(order, mode="edge",

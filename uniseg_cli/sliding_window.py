@@ -1,4 +1,4 @@
-"""Sliding-window inference with Gaussian weighting and mirroring TTA (DESIGN.md §4).
+"""Sliding-window inference with Gaussian weighting and mirroring TTA (docs/pipeline.md §4).
 
 Window positions and the Gaussian map are small pure helpers; ``sliding_window`` runs the network
 over a pre-processed case once per tile and mirror, sharing the encoder between all asked tasks,

@@ -2,7 +2,7 @@
 
 Plain data, importable without torch, so that ``uniseg tasks`` answers instantly. A model carries
 its own task list in ``config.json`` (a fine-tuned model may add tasks); ``UPSTREAM_TASKS`` are the
-11 tasks of the published UniSeg model (DESIGN.md §2) and the default for new configurations.
+11 tasks of the published UniSeg model (docs/pipeline.md §2) and the default for new configurations.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The UniSeg network: a 3D U-Net whose decoder is told the task by a learned universal prompt.
 
 Module and parameter names, their registration order and shapes are the published checkpoint's
-state-dict format (DESIGN.md §1; the full list is pinned in the tests). The encoder and decoder are
+state-dict format (docs/pipeline.md §1; the full list is pinned in the tests). The encoder and decoder are
 therefore not wrapped in sub-modules of their own: their parts hang directly off ``UniSeg`` as
 ``conv_blocks_context``, ``conv_blocks_localization``, ``tu`` and ``seg_outputs``.
 """

@@ -1,4 +1,4 @@
-"""nnU-Net v1 "moreDA" augmentation with torch on the training device (DESIGN.md §5).
+"""nnU-Net v1 "moreDA" augmentation with torch on the training device (docs/pipeline.md §5).
 
 The loader workers only crop (``sampling``); everything here runs where the network trains. Order
 and parameters follow nnU-Net v1's ``get_moreDA_augmentation`` for 3D data: spatial (rotation ±30°

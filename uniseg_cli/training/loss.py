@@ -1,4 +1,4 @@
-"""The training loss (DESIGN.md §5): soft Dice + cross-entropy on the task's classes, deep supervision."""
+"""The training loss (docs/pipeline.md §5): soft Dice + cross-entropy on the task's classes, deep supervision."""
 
 from __future__ import annotations
 

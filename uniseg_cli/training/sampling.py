@@ -1,5 +1,5 @@
 """What each training batch holds: task-balanced epochs, foreground oversampling, and the crop that
-spatial augmentation needs (DESIGN.md §5).
+spatial augmentation needs (docs/pipeline.md §5).
 
 Every batch is built from ``(epoch, index)`` alone with its own seeded generator, so the batches do
 not depend on the number of loader workers or ranks, and a resumed run draws the same batches an

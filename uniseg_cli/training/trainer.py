@@ -1,4 +1,4 @@
-"""``uniseg train``: the published multi-task recipe (DESIGN.md §5) on a pre-processed folder.
+"""``uniseg train``: the published multi-task recipe (docs/pipeline.md §5) on a pre-processed folder.
 
 One batch is one task; each epoch gives every task the same number of batches. SGD with Nesterov
 momentum 0.99, weight decay 3e-5, poly learning rate (power 0.9, per epoch), gradient norm clipped at
