@@ -22,7 +22,7 @@ def test_demo_model_is_bundled_and_verified():
 
 
 def test_quickstart_segments_the_example_ct_offline(run_cli, tmp_path, monkeypatch):
-    """README's first lines: `uniseg predict tests/data/example_ct.nii.gz --task kidney -m uniseg-demo --fast`."""
+    """The bundled model, offline, as the README runs it: `uniseg predict … --task kidney -m uniseg-demo --fast`."""
     import nibabel as nib
 
     from uniseg_cli.imageio import read_image
