@@ -23,10 +23,10 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     args = parser.parse_args()
 
-    from uniseg_cli.batch import run_batch
-    from uniseg_cli.cases import Case
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.inference.batch import run_batch
+    from uniseg_cli.inference.cases import Case
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
 
     work, model_dir, source = setup("uniseg-batch-", large=args.large)
     scans = []

@@ -18,10 +18,10 @@ from throughput import setup
 
 
 def main() -> None:
-    import uniseg_cli.predictor as predictor
-    from uniseg_cli.imageio import read_image
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
+    import uniseg_cli.inference.predictor as predictor
+    from uniseg_cli.io.images import read_image
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
 
     work, model_dir, scan = setup("uniseg-fallback-", large=True)
     data, geometry = read_image(scan)

@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from uniseg_cli.allocator import tune_allocator
+from uniseg_cli.inference.allocator import tune_allocator
 
 tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
 
@@ -58,9 +58,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from uniseg_cli.imageio import read_channels
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.io.images import read_channels
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
     from uniseg_cli.tasks import resolve_task
 
     names = ["default", *[s for s in args.settings.split(",") if s != "default"]]

@@ -19,7 +19,7 @@ import argparse
 import statistics
 import time
 
-from uniseg_cli.allocator import tune_allocator
+from uniseg_cli.inference.allocator import tune_allocator
 
 tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
 
@@ -41,7 +41,7 @@ def main() -> None:
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.model.blocks import inference_kernels
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.runtime import AUTOCAST_DTYPES, precision_context
+    from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, precision_context
 
     device = torch.device(args.device)
     torch.manual_seed(0)

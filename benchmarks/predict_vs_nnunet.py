@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 if "--run-one" in sys.argv and sys.argv[sys.argv.index("--run-one") + 1] == "uniseg":
-    from uniseg_cli.allocator import tune_allocator
+    from uniseg_cli.inference.allocator import tune_allocator
 
     tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
 
@@ -47,9 +47,9 @@ def prepare(work: Path, model_dir: Path | None, cases: list[str]) -> tuple[Path,
 
     from uniseg_cli import save_model
     from uniseg_cli.config import UniSegConfig
-    from uniseg_cli.imageio import read_image
+    from uniseg_cli.io.images import read_image
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.preprocessing import preprocess
+    from uniseg_cli.data.preprocessing import preprocess
     from uniseg_cli.tasks import resolve_task
 
     if model_dir is None:
@@ -88,8 +88,8 @@ def prepare(work: Path, model_dir: Path | None, cases: list[str]) -> tuple[Path,
 def run_one(tool: str, model_dir: str, run: dict, out: str) -> None:
     """One tool on one input, in this (fresh) process; writes labels and timings."""
     from uniseg_cli import load_model
-    from uniseg_cli.preprocessing import CropInfo, labels_from_probabilities
-    from uniseg_cli.sliding_window import WindowOptions, sliding_window
+    from uniseg_cli.data.preprocessing import CropInfo, labels_from_probabilities
+    from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
     from uniseg_cli.tasks import resolve_task
 
     task = resolve_task(TASK)

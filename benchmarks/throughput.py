@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from uniseg_cli.allocator import tune_allocator
+from uniseg_cli.inference.allocator import tune_allocator
 
 tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
 
@@ -73,12 +73,12 @@ def main() -> None:
 
     import nibabel as nib
 
-    from uniseg_cli import sliding_window as sw_module
-    from uniseg_cli.cases import Case
+    from uniseg_cli.inference import sliding_window as sw_module
+    from uniseg_cli.inference.cases import Case
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
 
     work, model_dir, scan = setup("uniseg-throughput-", large=args.large)
     flops = flops_per_forward(UniSegConfig())
@@ -100,7 +100,7 @@ def main() -> None:
         window_seconds.append(time.perf_counter() - start)
         return out
 
-    import uniseg_cli.predictor as predictor_module
+    import uniseg_cli.inference.predictor as predictor_module
     predictor_module.sliding_window = timed_window
     forwards = [0]
     encode = UniSeg.encode

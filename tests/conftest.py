@@ -136,7 +136,7 @@ def kidney_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def kidney_prep(kidney_dataset, tmp_path_factory) -> Path:
     """The kidney dataset pre-processed as a new task ``kidney_slabs`` at its own 3 mm spacing."""
-    from uniseg_cli.preprocessed import preprocess_datasets
+    from uniseg_cli.data.training_cache import preprocess_datasets
 
     out = tmp_path_factory.mktemp("prep") / "prep"
     preprocess_datasets([f"kidney_slabs={kidney_dataset}"], out, workers=1, progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uniseg_cli import atomic
+from uniseg_cli.io import atomic
 
 
 def test_a_failed_replacement_restores_the_old_folder(tmp_path, monkeypatch):

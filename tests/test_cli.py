@@ -42,7 +42,7 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_output(small_model_dir, tmp_path
     script = (
         "import os, signal, sys, threading\n"
         "from uniseg_cli.cli import main\n"
-        "import uniseg_cli.predictor as predictor\n"
+        "import uniseg_cli.inference.predictor as predictor\n"
         "window = predictor.sliding_window\n"
         "def interrupted(*args, **kwargs):\n"        # Ctrl-C once the network is running, every time
         "    os.kill(os.getpid(), signal.SIGINT)\n"

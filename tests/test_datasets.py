@@ -50,9 +50,9 @@ def test_preprocess_writes_arrays_properties_and_fingerprint(run_cli, kidney_dat
 
 def test_image_is_what_predict_feeds_the_network(kidney_prep):
     """One pre-processing path: the training array equals predict's network input for the same file."""
-    from uniseg_cli.imageio import read_channels
-    from uniseg_cli.preprocessed import read_plan
-    from uniseg_cli.preprocessing import preprocess
+    from uniseg_cli.io.images import read_channels
+    from uniseg_cli.data.training_cache import read_plan
+    from uniseg_cli.data.preprocessing import preprocess
 
     data = read_plan(kidney_prep)[0]
     props = data.properties("ct2")
@@ -66,7 +66,7 @@ def test_label_round_trip_through_registry_spacing(ct_volume):
     """Pre-process labels to the kidney task's 3×1.5×1.5 mm grid and invert it: the map comes back."""
     import torch
 
-    from uniseg_cli.preprocessing import labels_from_probabilities, preprocess, preprocess_labels, uncrop
+    from uniseg_cli.data.preprocessing import labels_from_probabilities, preprocess, preprocess_labels, uncrop
     from uniseg_cli.tasks import resolve_task
 
     seg = np.asarray(nib.load(DATA / "example_seg_fast_force_split.nii.gz").dataobj).transpose(2, 1, 0)
@@ -120,7 +120,7 @@ def test_known_task_and_label_order(run_cli, kidney_dataset, tmp_path):
 
 
 def test_interrupted_run_resumes_and_skips_finished_cases(kidney_dataset, tmp_path):
-    from uniseg_cli.preprocessed import preprocess_datasets, read_plan
+    from uniseg_cli.data.training_cache import preprocess_datasets, read_plan
 
     out = tmp_path / "prep"
     preprocess_datasets([f"kidney_slabs={kidney_dataset}"], out, workers=1, progress=False)
@@ -198,14 +198,14 @@ def test_known_tasks_can_come_from_a_model(run_cli, kidney_dataset, tmp_path):
 
 
 def test_memory_and_a_corrupt_plan_are_named_for_what_they_are(run_cli, kidney_dataset, tmp_path, monkeypatch):
-    from uniseg_cli import imageio
-    from uniseg_cli.imageio import ImageError, read_image
+    from uniseg_cli.io import images
+    from uniseg_cli.io.images import ImageError, read_image
 
     def no_memory(path):
         raise MemoryError()
 
     with monkeypatch.context() as patched:
-        patched.setattr(imageio, "_read_nifti", no_memory)
+        patched.setattr(images, "_read_nifti", no_memory)
         with pytest.raises(ImageError, match=r"ct0_0000.nii.gz: not enough memory to read the image$"):
             read_image(kidney_dataset / "imagesTr/ct0_0000.nii.gz")    # was: "cannot read the image (MemoryError)"
 

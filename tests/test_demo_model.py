@@ -11,7 +11,7 @@ from conftest import CT, DATA
 
 def test_demo_model_is_bundled_and_verified():
     from uniseg_cli import load_model
-    from uniseg_cli.hub import load_registry, resolve_model
+    from uniseg_cli.weights.hub import load_registry, resolve_model
 
     entry = load_registry().models["uniseg-demo"]
     resolved = resolve_model("uniseg-demo")                     # re-hashes the bundled files
@@ -25,9 +25,9 @@ def test_quickstart_segments_the_example_ct_offline(run_cli, tmp_path, monkeypat
     """The bundled model, offline, as the README runs it: `uniseg predict … --task kidney -m uniseg-demo --fast`."""
     import nibabel as nib
 
-    from uniseg_cli.imageio import read_image
+    from uniseg_cli.io.images import read_image
     from uniseg_cli.devices import pick_device
-    from uniseg_cli.runtime import resolve_precision
+    from uniseg_cli.inference.runtime import resolve_precision
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "kidney.nii.gz"

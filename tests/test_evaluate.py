@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from uniseg_cli.evaluation import score_label
+from uniseg_cli.metrics import score_label
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

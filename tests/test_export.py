@@ -124,7 +124,7 @@ def test_export_errors(run_cli, tiny_model_dir, tmp_path):
 
 
 def test_a_failed_check_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    from uniseg_cli import export as export_module
+    from uniseg_cli.model import exporters as export_module
 
     monkeypatch.setitem(export_module.TOLERANCE, "float16", 1e-9)
     with pytest.raises(export_module.ExportError, match=r"differs from PyTorch by .* \(tolerance 1e-09\); nothing was written"):

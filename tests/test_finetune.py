@@ -83,7 +83,7 @@ def test_new_task_with_frozen_upstream_leaves_the_other_tasks_unchanged(run_cli,
 def _fresh_new_task_row(pretrained_dir, out):
     """The new task's fusion row as initialised (seed 0), before training."""
     from uniseg_cli import load_model
-    from uniseg_cli.finetuning import new_task_model
+    from uniseg_cli.training.finetune import new_task_model
 
     task = load_model(out).config.tasks[-1]
     surgery = new_task_model(load_model(pretrained_dir), task, freeze_upstream=True, seed=0)
@@ -92,8 +92,8 @@ def _fresh_new_task_row(pretrained_dir, out):
 
 def test_new_task_without_freezing_trains_everything(small_model_dir, kidney_prep, tmp_path):
     from uniseg_cli import load_model
-    from uniseg_cli.finetuning import new_task_model
-    from uniseg_cli.preprocessed import read_plan
+    from uniseg_cli.training.finetune import new_task_model
+    from uniseg_cli.data.training_cache import read_plan
     from uniseg_cli.training.trainer import TrainOptions, train
 
     data = read_plan(kidney_prep)[0]
@@ -133,7 +133,7 @@ def test_a_new_channel_count_gets_a_new_input_convolution():
     import dataclasses
 
     from uniseg_cli.config import small_config
-    from uniseg_cli.finetuning import downstream_model
+    from uniseg_cli.training.finetune import downstream_model
     from uniseg_cli.model.network import UniSeg
     from uniseg_cli.tasks import resolve_task
 
@@ -164,7 +164,7 @@ def test_workers_step_and_the_default_model_reach_their_steps(run_cli, small_mod
                                                               monkeypatch):
     # -j was ignored by pre-processing and the evaluation's step was fixed at 0.5; without -m the
     # default model is used and named in the model's source.
-    from uniseg_cli import finetuning
+    from uniseg_cli.training import finetune as finetuning
 
     seen = {}
     real = finetuning.preprocess_datasets

@@ -11,7 +11,7 @@ import pytest
 
 from hub_server import FakeHub
 from uniseg_cli.errors import ModelFileError, UsageError
-from uniseg_cli.hub import (
+from uniseg_cli.weights.hub import (
     Registry, RegistryError, load_registry, parse_registry, registry_folder, resolve_model, sha256_of, verify_files,
 )
 
@@ -158,7 +158,7 @@ def test_push_prepares_the_folder_with_a_model_card(small_model_dir):
     # local Hub; what is uploaded is checked here.
     import shutil
 
-    from uniseg_cli.catalog import prepare_upload
+    from uniseg_cli.weights.catalog import prepare_upload
 
     staging = prepare_upload(small_model_dir, "someone/uniseg-tiny")
     try:

@@ -48,7 +48,7 @@ def scan_folder(tmp_path_factory):
 
 def test_a_folder_and_a_stdin_list_load_the_model_once(run_cli, coarse_model_dir, scan_folder, tmp_path,
                                                        monkeypatch):
-    import uniseg_cli.predictor as predictor
+    import uniseg_cli.inference.predictor as predictor
 
     loads = []
     original = predictor.load_model
@@ -139,8 +139,8 @@ def test_probabilities_shards_and_resume(run_cli, coarse_model_dir, scan_folder,
 
 
 def test_python_api_segments_an_array(coarse_model_dir, ct_volume):
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
 
     segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
     prediction = segmenter.predict_array(ct_volume, (3.0, 3.0, 3.0), "kidney")
@@ -149,8 +149,8 @@ def test_python_api_segments_an_array(coarse_model_dir, ct_volume):
 
 
 def test_python_api_segments_files(coarse_model_dir, scan_folder, tmp_path):
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
 
     segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
     one = segmenter.predict_file(scan_folder / "b.nrrd", "sple", tmp_path / "b.nii.gz")
@@ -214,9 +214,9 @@ def test_a_sagittally_stored_scan_gives_the_same_labels_in_its_own_geometry(run_
 
 def test_max_memory_refuses_what_cannot_fit_and_slabs_the_export(run_cli, small_model_dir, ct_volume, tmp_path):
     """The kidney task at 3×1.5×1.5 mm: about 45 MiB of input and accumulators for the real CT."""
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.runtime import parse_size
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.runtime import parse_size
+    from uniseg_cli.inference.sliding_window import WindowOptions
 
     assert parse_size("4G") == 4 * 2**30 and parse_size("512m") == 512 * 2**20 and parse_size("1.5GiB") == 3 * 2**29
     assert parse_size("1000") == 1000
@@ -246,8 +246,8 @@ def test_task_all_lets_the_later_task_win_whatever_the_spacing_groups(ct_volume)
 
     from uniseg_cli.config import small_config
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
     from uniseg_cli.tasks import UPSTREAM_TASKS
 
     by_key = {t.key: t for t in UPSTREAM_TASKS}

@@ -95,7 +95,7 @@ def test_unwritable_output_folder(run_cli, coarse_model_dir, tmp_path):
 
 
 def test_a_failed_write_names_the_output_and_leaves_nothing(tmp_path):
-    from uniseg_cli.atomic import atomic_file
+    from uniseg_cli.io.atomic import atomic_file
     from uniseg_cli.errors import UnisegError
 
     target = tmp_path / "k.nii.gz"

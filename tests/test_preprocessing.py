@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import map_coordinates
 from skimage.transform import resize
 
-from uniseg_cli.preprocessing import (
+from uniseg_cli.data.preprocessing import (
     CropInfo, axial_permutation, nearest_indices, nonzero_bbox, normalize, preprocess, resample_image,
     resample_probabilities, resampled_shape, separate_axis, uncrop,
 )
@@ -126,7 +126,7 @@ def test_preprocess_kidney_on_the_real_ct(ct_volume):
 
 
 def test_argmax_classes_equals_argmax_first_maximum_wins():
-    from uniseg_cli.preprocessing import argmax_classes
+    from uniseg_cli.data.preprocessing import argmax_classes
 
     rng = np.random.default_rng(3)
     probs = torch.from_numpy(rng.random((3, 6, 7, 8)).astype(np.float32))
@@ -142,7 +142,7 @@ def test_argmax_classes_equals_argmax_first_maximum_wins():
     ((25, 16, 16), (20, 33, 31), (1, 1, 1), (1, 1, 1)),         # z downsampled
 ])
 def test_slab_export_equals_whole_volume_export(shape_from, shape_to, spacing, target):
-    from uniseg_cli.preprocessing import argmax_classes, labels_from_probabilities
+    from uniseg_cli.data.preprocessing import argmax_classes, labels_from_probabilities
 
     rng = np.random.default_rng(4)
     probs = torch.from_numpy(rng.random((3, *shape_from)).astype(np.float32))

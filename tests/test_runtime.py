@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from uniseg_cli.errors import UsageError
-from uniseg_cli.runtime import resolve_precision
-from uniseg_cli.sliding_window import WindowOptions, sliding_window
+from uniseg_cli.inference.runtime import resolve_precision
+from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
 
 
 def test_auto_precision_is_fp32_on_cpu_and_fp16_on_cuda_and_fast_adds_native_bf16():
-    from uniseg_cli.runtime import native_bf16_cpu
+    from uniseg_cli.inference.runtime import native_bf16_cpu
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
@@ -37,7 +37,7 @@ def _allocator_in_fresh_process(env: dict[str, str], *, torch_first: bool = Fals
     import sys
 
     code = ("import os, sys\n" + ("import torch\n" if torch_first else "")
-            + "from uniseg_cli.allocator import tune_allocator\n"
+            + "from uniseg_cli.inference.allocator import tune_allocator\n"
             + "print(tune_allocator(), tune_allocator(), os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
     environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
     out = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
@@ -48,7 +48,7 @@ def _allocator_in_fresh_process(env: dict[str, str], *, torch_first: bool = Fals
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc and transparent huge pages")
 def test_allocator_uses_huge_pages_when_offered_else_keeps_freed_memory():
-    from uniseg_cli.allocator import huge_pages_offered
+    from uniseg_cli.inference.allocator import huge_pages_offered
 
     chosen, variable = _allocator_in_fresh_process({})
     if huge_pages_offered():
@@ -71,7 +71,7 @@ def test_each_command_tunes_its_own_process(command, expected, tmp_path):
     import subprocess
     import sys
 
-    from uniseg_cli.allocator import huge_pages_offered
+    from uniseg_cli.inference.allocator import huge_pages_offered
 
     if expected == "huge-pages" and not huge_pages_offered():
         expected = "keep-freed"
@@ -91,8 +91,8 @@ def test_accumulating_elsewhere_gives_the_same_probabilities(small_model, ct_pat
 
 def test_out_of_accelerator_memory_falls_back_to_cpu_accumulation_only(coarse_model_dir, ct_volume, monkeypatch,
                                                                        caplog):
-    import uniseg_cli.predictor as predictor
-    from uniseg_cli.predictor import Segmenter
+    import uniseg_cli.inference.predictor as predictor
+    from uniseg_cli.inference.predictor import Segmenter
 
     segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
     calls = []
@@ -120,9 +120,9 @@ def test_out_of_accelerator_memory_falls_back_to_cpu_accumulation_only(coarse_mo
 
 def test_preprocessing_runs_on_the_gpu_and_falls_back_to_the_cpu_when_its_memory_is_short(
         coarse_model_dir, ct_volume, monkeypatch, caplog):
-    import uniseg_cli.predictor as predictor
-    from uniseg_cli.predictor import Segmenter
-    from uniseg_cli.preprocessing import preprocess
+    import uniseg_cli.inference.predictor as predictor
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.data.preprocessing import preprocess
 
     segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
     devices = []
@@ -146,7 +146,7 @@ def test_preprocessing_runs_on_the_gpu_and_falls_back_to_the_cpu_when_its_memory
 
 
 def test_one_default_precision_for_the_command_the_api_and_validation(small_model, ct_patch, coarse_model_dir):
-    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.inference.predictor import Segmenter
 
     assert WindowOptions().precision == "auto"                 # was fp32 here while predict said auto
     assert Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False)).window.precision == \

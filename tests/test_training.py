@@ -34,7 +34,7 @@ def test_epoch_schedule_gives_every_task_the_same_number_of_batches():
 
 
 def test_last_third_of_each_batch_is_centred_on_foreground(kidney_prep):
-    from uniseg_cli.preprocessed import read_plan
+    from uniseg_cli.data.training_cache import read_plan
     from uniseg_cli.training.sampling import PatchBatches, forced_foreground
 
     assert forced_foreground(2) == [False, True] and forced_foreground(3) == [False, False, True]
@@ -104,7 +104,7 @@ def test_loss_matches_a_hand_computation():
 def test_short_training_on_real_data_lowers_the_loss(kidney_prep, tmp_path):
     from uniseg_cli.training.trainer import train, training_config
 
-    from uniseg_cli.preprocessed import read_plan
+    from uniseg_cli.data.training_cache import read_plan
 
     config = training_config(read_plan(kidney_prep), "small")
     result = train(kidney_prep, tmp_path / "model", config=config,
@@ -118,7 +118,7 @@ def test_short_training_on_real_data_lowers_the_loss(kidney_prep, tmp_path):
 def test_resume_after_interruption_gives_the_uninterrupted_weights(kidney_prep, tmp_path):
     from safetensors.torch import load_file
 
-    from uniseg_cli.preprocessed import read_plan
+    from uniseg_cli.data.training_cache import read_plan
     from uniseg_cli.training.trainer import train, training_config
 
     config = training_config(read_plan(kidney_prep), "small")
@@ -142,7 +142,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(kidney_prep, 
 
 
 def test_cli_train_validate_and_predict_with_the_result(run_cli, kidney_prep, tmp_path):
-    from uniseg_cli.imageio import read_image
+    from uniseg_cli.io.images import read_image
 
     out = tmp_path / "model"
     code, _, err = run_cli("train", kidney_prep, "-o", out, "--preset", "small", "--epochs", "2",

@@ -21,7 +21,7 @@ from conftest import CT, DATA
 from file_server import FileServer
 from test_checkpoint_import import nnunet_v1_checkpoint, plans_file
 from test_hub import hub as hub_server  # noqa: F401  (the local Hub fixture)
-from uniseg_cli import hub
+from uniseg_cli.weights import hub
 from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.model.network import UniSeg
 
@@ -42,7 +42,7 @@ def published(tmp_path_factory) -> dict[str, bytes]:
 @pytest.fixture
 def registry(monkeypatch) -> hub.Registry:
     """The shipped registry, its release pinned to the tiny network's layout."""
-    from uniseg_cli import catalog
+    from uniseg_cli.weights import catalog
 
     shipped = hub.load_registry()
     with torch.device("meta"):
@@ -253,7 +253,7 @@ def test_without_a_default_the_error_names_the_fix(run_cli, tmp_path):
 
 def test_model_option_beats_the_environment_beats_the_default(run_cli, monkeypatch, small_model_dir, coarse_model_dir,
                                                               tmp_path, user_home):
-    from uniseg_cli.hub import resolve_model
+    from uniseg_cli.weights.hub import resolve_model
 
     code, out, err = run_cli("weights", "default", small_model_dir)
     assert code == 0 and out.strip() == str(small_model_dir) and "set by `uniseg weights default`" in err

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from uniseg_cli.config import UniSegConfig  # noqa: E402
-from uniseg_cli.hub import sha256_of  # noqa: E402
+from uniseg_cli.weights.hub import sha256_of  # noqa: E402
 
 NAME = "uniseg-demo"
 LICENSE = ("Apache-2.0 (weights trained by the uniseg developers on Apache-2.0 example scans; a demonstration "

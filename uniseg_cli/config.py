@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_cli.errors import ConfigError
-from uniseg_cli.jsonfile import read_json
+from uniseg_cli.io.jsonfile import read_json
 from uniseg_cli.tasks import UPSTREAM_TASKS, Task, _check_keys, _typed, validate_tasks
 
 CONFIG_FORMAT = "uniseg"

@@ -27,9 +27,9 @@ def evaluate(
       uniseg evaluate pred/ labelsTs/ --json > metrics.json
       uniseg evaluate case1_kidney.nii.gz case1.nii.gz --labels 1,2 --tolerance 2
     """
-    from uniseg_cli.atomic import write_text
+    from uniseg_cli.io.atomic import write_text
     from uniseg_cli.errors import UsageError
-    from uniseg_cli.evaluation import METRICS, evaluate as run, to_csv
+    from uniseg_cli.metrics import METRICS, evaluate as run, to_csv
 
     chosen = None
     if labels is not None:

@@ -35,7 +35,7 @@ def export(
       uniseg export my-model --format torchscript --task kidney
       uniseg export my-model --format safetensors --half -o my-model-fp16
     """
-    from uniseg_cli.export import export_model
+    from uniseg_cli.model.exporters import export_model
 
     report = export_model(model, fmt, output, task=task, channels=channels, half=half, force=force)
     if as_json:

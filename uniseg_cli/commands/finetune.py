@@ -49,12 +49,12 @@ def finetune(
       uniseg finetune ./Dataset501_Liver -o liver-ft                 from the default model
       uniseg finetune ./Task09_Spleen -m uniseg-11task --mode new-task --freeze-upstream -o with-spleen
     """
-    from uniseg_cli.allocator import tune_allocator
+    from uniseg_cli.inference.allocator import tune_allocator
 
-    tune_allocator(prefer="speed")  # this process only, see uniseg_cli/allocator.py
+    tune_allocator(prefer="speed")  # this process only, see uniseg_cli/inference/allocator.py
     from uniseg_cli.errors import UsageError
-    from uniseg_cli.finetuning import finetune as run
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.training.finetune import finetune as run
+    from uniseg_cli.inference.sliding_window import WindowOptions
     from uniseg_cli.training.trainer import TrainOptions
 
     if quiet:

@@ -46,14 +46,14 @@ def predict(
       ls *.nii.gz | uniseg predict - --task liver -o out/ --json > volumes.jsonl
       uniseg predict scan.nii.gz --task kidney -m uniseg-demo --fast               bundled demo model
     """
-    from uniseg_cli.allocator import tune_allocator
+    from uniseg_cli.inference.allocator import tune_allocator
 
-    tune_allocator()  # before torch is imported: this process only, see uniseg_cli/allocator.py
-    from uniseg_cli.batch import run_batch
+    tune_allocator()  # before torch is imported: this process only, see uniseg_cli/inference/allocator.py
+    from uniseg_cli.inference.batch import run_batch
     from uniseg_cli.errors import UsageError
-    from uniseg_cli.predictor import PROBABILITY_FORMATS
-    from uniseg_cli.runtime import PRECISIONS, parse_size
-    from uniseg_cli.sliding_window import WindowOptions
+    from uniseg_cli.inference.predictor import PROBABILITY_FORMATS
+    from uniseg_cli.inference.runtime import PRECISIONS, parse_size
+    from uniseg_cli.inference.sliding_window import WindowOptions
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)

@@ -31,7 +31,7 @@ def preprocess(
       uniseg preprocess -d kidney=./Dataset001_KiTS -d ./Task03_Liver -o prep/
       uniseg train prep/ -o my-model/
     """
-    from uniseg_cli.preprocessed import preprocess_datasets
+    from uniseg_cli.data.training_cache import preprocess_datasets
     from uniseg_cli.tasks import UPSTREAM_TASKS
 
     if quiet:
@@ -39,7 +39,7 @@ def preprocess(
     known = UPSTREAM_TASKS
     if model is not None:
         from uniseg_cli.config import UniSegConfig
-        from uniseg_cli.hub import model_paths, resolve_model
+        from uniseg_cli.weights.hub import model_paths, resolve_model
 
         known = UniSegConfig.from_json_file(model_paths(resolve_model(model).path)[0]).tasks
     spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")

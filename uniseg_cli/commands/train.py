@@ -45,11 +45,11 @@ def train(
       uniseg train prep/ -o smoke/ --preset small --epochs 5 --batches-per-task 10 --device cpu
       torchrun --nproc_per_node 4 -m uniseg_cli train prep/ -o my-model/
     """
-    from uniseg_cli.allocator import tune_allocator
+    from uniseg_cli.inference.allocator import tune_allocator
 
-    tune_allocator(prefer="speed")  # this process only, see uniseg_cli/allocator.py
+    tune_allocator(prefer="speed")  # this process only, see uniseg_cli/inference/allocator.py
     from uniseg_cli.errors import UsageError
-    from uniseg_cli.preprocessed import read_plan
+    from uniseg_cli.data.training_cache import read_plan
     from uniseg_cli.training.trainer import TrainOptions, train as run_training, training_config
 
     if quiet:

@@ -11,7 +11,7 @@ import typer
 from uniseg_cli.devices import DEVICE_HELP
 
 if TYPE_CHECKING:
-    from uniseg_cli.hub import RegistryEntry
+    from uniseg_cli.weights.hub import RegistryEntry
 
 app = typer.Typer(help="Model weights: list, download, set the default, inspect, verify, convert and publish models.",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -23,7 +23,7 @@ MODEL_HELP = "A model folder, an installed or registry name (`uniseg weights lis
 def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """List the registry's models, the models installed in your store and the uniseg models in the
     Hugging Face cache, with their sizes; (default) marks the one used without --model."""
-    from uniseg_cli.catalog import list_models
+    from uniseg_cli.weights.catalog import list_models
 
     models = list_models()
     if as_json:
@@ -66,7 +66,7 @@ def download(
     """
     import logging
 
-    from uniseg_cli.hub import load_registry, resolve_model
+    from uniseg_cli.weights.hub import load_registry, resolve_model
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
@@ -127,7 +127,7 @@ def default(
     from pathlib import Path
 
     from uniseg_cli.errors import UsageError
-    from uniseg_cli.hub import resolve_model
+    from uniseg_cli.weights.hub import resolve_model
     from uniseg_cli.weights import store
 
     if unset and model is not None:
@@ -151,7 +151,7 @@ def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default
          as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """Show a model's configuration, tasks, parameter count, source and licence (in full where the
     model has one to accept); for a release not installed yet, its published files."""
-    from uniseg_cli.catalog import describe_model
+    from uniseg_cli.weights.catalog import describe_model
 
     description = describe_model(model)
     if as_json:
@@ -187,7 +187,7 @@ def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default
 def verify(model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the default model.")) -> None:
     """Re-hash a model's files: a registry model against its pinned sha256s, an installed one against
     the hashes recorded when it was installed (exit 1 if any differs)."""
-    from uniseg_cli.catalog import verify_model
+    from uniseg_cli.weights.catalog import verify_model
     from uniseg_cli.errors import ModelFileError
 
     lines, changed = verify_model(model)
@@ -209,7 +209,7 @@ def push(
 
     Needs a write token (HF_TOKEN or `hf auth login`). The folder itself is not modified.
     """
-    from uniseg_cli.catalog import push_model
+    from uniseg_cli.weights.catalog import push_model
 
     print(push_model(folder, repo, private=private, message=message))
 

@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from uniseg_cli.atomic import atomic_directory, usual_permissions
+from uniseg_cli.io.atomic import atomic_directory, usual_permissions
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import ConfigError, ModelFileError
-from uniseg_cli.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
+from uniseg_cli.weights.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
 from uniseg_cli.model.network import UniSeg
 
 def save_model(model: UniSeg, folder: str | Path, *, overwrite: bool = False) -> Path:

@@ -1,1 +1,1 @@
-"""Training UniSeg: patch sampling, augmentation on the training device, loss, and the training loop."""
+"""Training UniSeg: patch sampling, augmentation on the training device, loss, the training loop, fine-tuning."""

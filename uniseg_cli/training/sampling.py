@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uniseg_cli.preprocessed import TaskData
+from uniseg_cli.data.training_cache import TaskData
 
 #: nnU-Net's oversample_foreground_percent: the last third of each batch is centred on foreground.
 FOREGROUND_FRACTION = 1 / 3

@@ -1,1 +1,2 @@
-"""Data only: the model registry (``registry.json``) and bundled model folders."""
+"""Weights: the model registry (``registry.json``, licences, bundled models), model specs and the Hub,
+the user's model store and settings, downloads and installs, model cards."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from uniseg_cli import __version__
 from uniseg_cli.errors import CheckpointError, ModelFileError
-from uniseg_cli.hub import MODEL_FILES, RegistryEntry, Release, require_accepted_license, sha256_of
+from uniseg_cli.weights.hub import MODEL_FILES, RegistryEntry, Release, require_accepted_license, sha256_of
 from uniseg_cli.weights import store
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class Installed:
 def install(entry: RegistryEntry, *, device: torch.device | str = "cpu", progress: bool = True,
             force: bool = False) -> Installed:
     """Fetch a registry model: its Hub copy when there is one, else its release (converted once)."""
-    from uniseg_cli.hub import from_registry
+    from uniseg_cli.weights.hub import from_registry
 
     if entry.repo is not None or entry.release is None:  # the Hub, or a bundled folder: nothing to convert
         folder = from_registry(entry).path
@@ -142,7 +142,7 @@ def check_layout(config: UniSegConfig, state: Mapping[str, Any], release: Releas
 def _annotate(folder: Path, report: ImportReport, *, name: str, kind: str, sources: dict[str, dict[str, Any]],
               license_text: str | None, license: dict[str, Any] | None) -> None:
     """The model card and manifest of an installed model, written beside its weights before it is renamed."""
-    from uniseg_cli.model_card import model_card
+    from uniseg_cli.weights.model_card import model_card
 
     installed_at = store.now()
     manifest = {

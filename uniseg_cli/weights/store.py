@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from uniseg_cli.atomic import make_folder, write_text
+from uniseg_cli.io.atomic import make_folder, write_text
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.jsonfile import read_json
+from uniseg_cli.io.jsonfile import read_json
 
 MANIFEST_NAME = "manifest.json"
 MODEL_ENV = "UNISEG_MODEL"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_cli.errors import ModelFileError, UnisegError
-from uniseg_cli.hub import MODEL_FILES, RegistryEntry, load_registry, model_paths, registry_folder, resolve_model, sha256_of, verify_files
+from uniseg_cli.weights.hub import MODEL_FILES, RegistryEntry, load_registry, model_paths, registry_folder, resolve_model, sha256_of, verify_files
 from uniseg_cli.weights import store
 
 
@@ -154,7 +154,7 @@ def verify_model(spec: str | None) -> tuple[list[str], list[str]]:
 def prepare_upload(folder: Path, repo: str) -> Path:
     """A temporary copy of a model folder with its generated model card, checked by loading it."""
     from uniseg_cli.model.files import load_model
-    from uniseg_cli.model_card import model_card
+    from uniseg_cli.weights.model_card import model_card
 
     model = load_model(folder, device="cpu")  # refuses folders whose weights do not match their config
     staging = Path(tempfile.mkdtemp(prefix="uniseg-push-"))

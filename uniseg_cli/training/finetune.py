@@ -28,16 +28,16 @@ from typing import Any
 
 import torch
 
-from uniseg_cli.atomic import write_text
-from uniseg_cli.datasets import default_task_key, label_classes, read_dataset
+from uniseg_cli.io.atomic import write_text
+from uniseg_cli.data.datasets import default_task_key, label_classes, read_dataset
 from uniseg_cli.errors import UsageError
-from uniseg_cli.evaluation import CaseScores, report, score_arrays
-from uniseg_cli.hub import resolve_model
-from uniseg_cli.imageio import read_channels, read_image
+from uniseg_cli.metrics import CaseScores, report, score_arrays
+from uniseg_cli.weights.hub import resolve_model
+from uniseg_cli.io.images import read_channels, read_image
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.preprocessed import TaskData, preprocess_datasets
-from uniseg_cli.sliding_window import WindowOptions
+from uniseg_cli.data.training_cache import TaskData, preprocess_datasets
+from uniseg_cli.inference.sliding_window import WindowOptions
 from uniseg_cli.tasks import Task
 from uniseg_cli.training.trainer import (
     SPLITS_NAME, TrainOptions, TrainResult, Trainable, read_splits, select_fold, train,
@@ -206,7 +206,7 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
     """Segment the fold's held-out cases from their raw files with the final model (``predict``'s
     pipeline, with ``window``'s step, mirroring and precision) and score them against their raw label
     maps: ``evaluation.json``."""
-    from uniseg_cli.predictor import Segmenter
+    from uniseg_cli.inference.predictor import Segmenter
 
     [(_, held_out)] = select_fold(read_splits(output / SPLITS_NAME, [data]), [data], options.fold)
     if not held_out:
@@ -226,7 +226,7 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
     result = report(cases, tolerance)
     result["labels"] = {str(i): label for i, label in enumerate(data.task.labels, start=1)}
     result["model"] = str(output)
-    result["settings"] = {"step": 0.5, "tta": tta}
+    result["settings"] = {"step": window.step, "tta": window.mirror, "precision": segmenter.window.precision}
     write_text(output / EVALUATION_NAME, json.dumps(result, indent=2) + "\n")
     return result
 

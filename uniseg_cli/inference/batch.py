@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from uniseg_cli.atomic import make_folder
-from uniseg_cli.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
+from uniseg_cli.io.atomic import make_folder
+from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.errors import UnisegError, UsageError, first_line
-from uniseg_cli.predictor import CaseResult, Prediction, PreparedCase, Segmenter
-from uniseg_cli.sliding_window import WindowOptions
+from uniseg_cli.inference.predictor import CaseResult, Prediction, PreparedCase, Segmenter
+from uniseg_cli.inference.sliding_window import WindowOptions
 
 log = logging.getLogger(__name__)
 

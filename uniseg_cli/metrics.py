@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.imageio import IMAGE_ENDINGS, read_image, strip_ending
+from uniseg_cli.io.images import IMAGE_ENDINGS, read_image, strip_ending
 
 METRICS = ("dice", "hd95", "nsd")
 

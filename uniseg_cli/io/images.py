@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from uniseg_cli.atomic import atomic_file
+from uniseg_cli.io.atomic import atomic_file
 from uniseg_cli.errors import UnisegError, first_line
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")

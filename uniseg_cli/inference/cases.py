@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uniseg_cli.errors import UsageError
-from uniseg_cli.imageio import image_ending, is_dicom_folder, strip_ending
+from uniseg_cli.io.images import image_ending, is_dicom_folder, strip_ending
 
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<index>\d{4})$")
 

@@ -1,0 +1,1 @@
+"""Data: datasets on disk, the pre-processing transform shared by training and inference, the training cache."""
