@@ -1,10 +1,33 @@
-"""Option parsing shared by several commands."""
+"""Options and option parsing shared by several commands: defined once, so that `train` and
+`finetune` (and every command with a device) spell, default and document them the same way."""
 
 from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+import typer
+
+from uniseg_cli.devices import DEVICE_HELP
 from uniseg_cli.errors import UsageError
+
+DEVICE = typer.Option("auto", "--device", help=f"{DEVICE_HELP}.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines (errors still print).")
+
+# Training (train and finetune)
+BATCH_SIZE = typer.Option(2, "--batch-size", min=1, help="Patches per batch (published: 2).")
+LEARNING_RATE = typer.Option(1e-2, "--lr", min=0.0, help="Initial learning rate, poly decay (published: 0.01).")
+FOLD = typer.Option("0", "--fold", help="Cross-validation fold: 0-4 of nnU-Net's split (seed 12345), a fold of "
+                                        "--split-file, or 'all' (train on every case, no validation).")
+SPLIT_FILE = typer.Option(None, "--split-file", help="JSON {task: [{train: [...], val: [...]}, ...]}, or nnU-Net's "
+                                                     "splits_final.json list for one task.")
+SEED = typer.Option(0, "--seed", help="Seed of new weights and of every batch.")
+RESUME = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch.")
+
+
+def check_fold(fold: str) -> str:
+    if fold != "all" and not fold.isdigit():
+        raise UsageError(f"--fold must be a number or 'all', got {fold!r}")
+    return fold
 
 N = TypeVar("N", int, float)
 

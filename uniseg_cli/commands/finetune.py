@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from uniseg_cli.commands._options import parse_triple
-from uniseg_cli.devices import DEVICE_HELP
+from uniseg_cli.commands._options import (
+    BATCH_SIZE, DEVICE, FOLD, LEARNING_RATE, QUIET, RESUME, SEED, SPLIT_FILE, check_fold, parse_triple,
+)
 
 
 def finetune(
@@ -22,21 +23,21 @@ def finetune(
     freeze_encoder: int = typer.Option(0, "--freeze-encoder", min=0, metavar="K", help="Keep the pretrained encoder fixed for the first K epochs."),
     epochs: int = typer.Option(100, "--epochs", min=1, help="Epochs (the paper: 100)."),
     batches_per_task: int = typer.Option(250, "--batches-per-task", min=1, help="Batches per epoch (the paper: 250)."),
-    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Patches per batch."),
-    learning_rate: float = typer.Option(1e-2, "--lr", min=0.0, help="Initial learning rate, poly decay (the paper: 0.01)."),
-    fold: str = typer.Option("0", "--fold", help="Cross-validation fold 0-4 or 'all' (no validation, no evaluation.json)."),
-    split_file: Optional[Path] = typer.Option(None, "--split-file", help="JSON list of {train, val} folds (nnU-Net's splits_final.json)."),
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = LEARNING_RATE,
+    fold: str = FOLD,
+    split_file: Optional[Path] = SPLIT_FILE,
     val_every: int = typer.Option(10, "--val-every", min=1, help="Validate every N epochs and at the end."),
     target_spacing: Optional[str] = typer.Option(None, "--target-spacing", metavar="Z,Y,X", help="Resample to this spacing (mm) instead of the dataset's median."),
     preprocessed: Optional[Path] = typer.Option(None, "--preprocessed", help="Where to keep the pre-processed dataset (default: <output>-preprocessed beside the output; reused on rerun)."),
     tolerance: float = typer.Option(1.0, "--tolerance", help="Surface Dice tolerance (mm) of the final evaluation."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring in the final evaluation's predictions (default on, as predict)."),
     step: float = typer.Option(0.5, "--step", min=0.01, max=1.0, help="Tile step of the final evaluation's predictions, as a fraction of the patch (default 0.5, as predict)."),
-    device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
+    device: str = DEVICE,
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Worker processes for pre-processing and for data loading (0: data loading in this process)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of new weights and of every batch."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
+    seed: int = SEED,
+    resume: bool = RESUME,
+    quiet: bool = QUIET,
 ) -> None:
     """Fine-tune a pretrained model on a dataset: check, pre-process (cached), train, evaluate.
 
@@ -52,15 +53,13 @@ def finetune(
     from uniseg_cli.inference.allocator import tune_allocator
 
     tune_allocator(prefer="speed")  # this process only, see uniseg_cli/inference/allocator.py
-    from uniseg_cli.errors import UsageError
     from uniseg_cli.training.finetune import finetune as run
     from uniseg_cli.inference.sliding_window import WindowOptions
     from uniseg_cli.training.trainer import TrainOptions
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
-    if fold != "all" and not fold.isdigit():
-        raise UsageError(f"--fold must be a number or 'all', got {fold!r}")
+    check_fold(fold)
     spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")
     output = output or Path(f"{dataset.resolve().name}-finetuned")
     options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,

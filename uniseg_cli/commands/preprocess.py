@@ -38,10 +38,9 @@ def preprocess(
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
     known = UPSTREAM_TASKS
     if model is not None:
-        from uniseg_cli.config import UniSegConfig
-        from uniseg_cli.weights.hub import model_paths, resolve_model
+        from uniseg_cli.weights.hub import model_config
 
-        known = UniSegConfig.from_json_file(model_paths(resolve_model(model).path)[0]).tasks
+        known = model_config(model).tasks
     spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")
     tasks = preprocess_datasets(datasets, output, known=known, workers=workers, progress=not quiet,
                                 target_spacing=spacing)

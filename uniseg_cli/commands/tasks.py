@@ -29,11 +29,9 @@ def tasks(
 
 
 def _model_tasks(model: str) -> tuple[Task, ...]:
-    from uniseg_cli.config import UniSegConfig
-    from uniseg_cli.weights.hub import model_paths, resolve_model
+    from uniseg_cli.weights.hub import model_config
 
-    config_path, _ = model_paths(resolve_model(model).path)
-    return UniSegConfig.from_json_file(config_path).tasks
+    return model_config(model).tasks
 
 
 def _print_table(listed: tuple[Task, ...]) -> None:

@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from uniseg_cli.commands._options import parse_triple
-from uniseg_cli.devices import DEVICE_HELP
+from uniseg_cli.commands._options import (
+    BATCH_SIZE, DEVICE, FOLD, LEARNING_RATE, QUIET, RESUME, SEED, SPLIT_FILE, check_fold, parse_triple,
+)
 
 
 def train(
@@ -21,17 +22,17 @@ def train(
     max_features: Optional[int] = typer.Option(None, "--max-features", min=1, help="Override the preset's largest feature count."),
     epochs: int = typer.Option(1000, "--epochs", min=1, help="Epochs (published: 1000)."),
     batches_per_task: int = typer.Option(50, "--batches-per-task", min=1, help="Batches per task per epoch (published: 50)."),
-    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Patches per batch (published: 2)."),
-    learning_rate: float = typer.Option(1e-2, "--lr", min=0.0, help="Initial learning rate, poly decay (published: 0.01)."),
-    fold: str = typer.Option("0", "--fold", help="Cross-validation fold 0-4 (nnU-Net's split, seed 12345) or 'all' (no validation)."),
-    split_file: Optional[Path] = typer.Option(None, "--split-file", help="JSON {task: [{train: [...], val: [...]}, ...]} (or nnU-Net's splits_final.json for one task)."),
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = LEARNING_RATE,
+    fold: str = FOLD,
+    split_file: Optional[Path] = SPLIT_FILE,
     val_every: int = typer.Option(50, "--val-every", min=1, help="Validate (sliding window on the held-out cases) every N epochs and at the end."),
-    device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
+    device: str = DEVICE,
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading worker processes (0 = in the training process)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the weights and of every batch."),
+    seed: int = SEED,
     augment: bool = typer.Option(True, "--augment/--no-augment", help="nnU-Net moreDA augmentation on the training device."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
+    resume: bool = RESUME,
+    quiet: bool = QUIET,
 ) -> None:
     """Train UniSeg with the published recipe: one task per batch, SGD 0.99, poly LR, Dice+CE.
 
@@ -48,14 +49,12 @@ def train(
     from uniseg_cli.inference.allocator import tune_allocator
 
     tune_allocator(prefer="speed")  # this process only, see uniseg_cli/inference/allocator.py
-    from uniseg_cli.errors import UsageError
     from uniseg_cli.data.training_cache import read_plan
     from uniseg_cli.training.trainer import TrainOptions, train as run_training, training_config
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
-    if fold != "all" and not fold.isdigit():
-        raise UsageError(f"--fold must be a number or 'all', got {fold!r}")
+    check_fold(fold)
     patch = parse_triple(patch_size, "--patch-size", int, "integers")
     config = None
     if not resume:

@@ -29,9 +29,12 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uniseg_cli.errors import ModelFileError, UnisegError, UnknownNameError, UsageError
+
+if TYPE_CHECKING:
+    from uniseg_cli.config import UniSegConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -51,6 +54,13 @@ def model_paths(path: str | Path) -> tuple[Path, Path]:
         if not needed.is_file():
             raise ModelFileError(f"{path}: not a model folder ({needed.name} is missing)")
     return config, weights
+
+
+def model_config(spec: str | Path | None) -> UniSegConfig:
+    """The configuration of the model ``spec`` names (resolved as ``--model`` is), without torch."""
+    from uniseg_cli.config import UniSegConfig
+
+    return UniSegConfig.from_json_file(model_paths(resolve_model(spec).path)[0])
 
 
 REGISTRY_VERSION = 2
