@@ -56,12 +56,11 @@ def train(
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
     check_fold(fold)
     patch = parse_triple(patch_size, "--patch-size", int, "integers")
-    config = None
-    if not resume:
-        config = training_config(read_plan(data), preset, patch_size=patch, base_features=base_features,
-                                 max_features=max_features)
+    tasks = read_plan(data)
+    config = None if resume else training_config(tasks, preset, patch_size=patch, base_features=base_features,
+                                                 max_features=max_features)
     options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
                            learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
                            device=device, workers=workers, seed=seed, resume=resume, augment=augment,
                            progress=not quiet)
-    run_training(data, output, config=config, options=options)
+    run_training(data, output, config=config, options=options, tasks=tasks)

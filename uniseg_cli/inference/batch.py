@@ -50,8 +50,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
         upcoming = iter(todo[1:])
         for case, target in plan:
             if case.name in skipped:
-                pipeline.done(CaseResult(case=case.name, inputs=[str(p) for p in case.channels], task=key,
-                                         output=str(target), skipped=True))
+                pipeline.done(CaseResult.of(case, key, output=str(target), skipped=True))
                 continue
             prepared = pipeline.take(case)
             pipeline.prefetch(next(upcoming, None))  # read and pre-process the next case meanwhile
@@ -148,7 +147,7 @@ class _Pipeline:
         self.failures += 1
         message = str(exc) if isinstance(exc, UnisegError) else f"{case.channels[0]}: {_describe(exc)}"
         print(f"Error: {message}", file=sys.stderr)
-        return CaseResult(case=case.name, inputs=[str(p) for p in case.channels], task=self.key, error=message)
+        return CaseResult.of(case, self.key, error=message)
 
 
 def _finished(value: object) -> Future:

@@ -71,6 +71,11 @@ class CaseResult:
     skipped: bool = False
     error: str | None = None
 
+    @classmethod
+    def of(cls, case: Case, task: str, **outcome: Any) -> CaseResult:
+        """The record of ``case``: its name and inputs as given, plus what happened to it."""
+        return cls(case=case.name, inputs=[str(p) for p in case.channels], task=task, **outcome)
+
     def to_json(self) -> dict[str, Any]:
         """Only what happened: a failed or skipped case has no labels, time or device."""
         data = asdict(self)
@@ -278,14 +283,15 @@ class Segmenter:
     def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
                      modality: str | None = None, on_progress: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
+        refuse_overwriting_inputs(case, output)
         prepared = self.prepare_case(case, task, output, modality=modality)
         prediction = self.run(prepared.inputs, probabilities=probabilities is not None, on_progress=on_progress)
         return self.write_case(prepared, prediction, probabilities=probabilities)
 
     def prepare_case(self, case: Case, task: str, output: Path, *, modality: str | None = None) -> PreparedCase:
-        """Read and pre-process one case (no network): what the batch runner prefetches in a thread."""
+        """Read and pre-process one case (no network): what the batch runner prefetches in a thread.
+        Callers have refused outputs that would overwrite an input (the batch, all of them up front)."""
         start = time.perf_counter()
-        refuse_overwriting_inputs(case, output)
         data, geometry = read_channels(case.channels)
         inputs = self.prepare_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
                                     source=str(case.channels[0]), modality=modality)
@@ -301,10 +307,10 @@ class Segmenter:
         if probabilities is not None:
             probability_path = _probability_path(output, probabilities)
             _write_probabilities(probability_path, prediction, geometry, probabilities)
-        return CaseResult(
-            case=case.name, inputs=[str(p) for p in case.channels], task=prepared.key, output=str(output),
-            labels=label_statistics(prediction, geometry), seconds=round(time.perf_counter() - prepared.started, 3),
-            device=str(self.device), probabilities=str(probability_path) if probability_path else None,
+        return CaseResult.of(
+            case, prepared.key, output=str(output), labels=label_statistics(prediction, geometry),
+            seconds=round(time.perf_counter() - prepared.started, 3), device=str(self.device),
+            probabilities=str(probability_path) if probability_path else None,
         )
 
 

@@ -196,7 +196,8 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
         source=f"fine-tuned ({mode}) with `uniseg finetune` from {resolved.spec} on {data.dataset} ({len(data.cases)} cases); "
                f"pretrained: {pretrained.config.source or 'not recorded'}")
     training = train(cache, output, config=config, options=options,
-                     init_state=None if options.resume else surgery.model.state_dict(), trainable=surgery.trainable)
+                     init_state=None if options.resume else surgery.model.state_dict(), trainable=surgery.trainable,
+                     tasks=[data])
     evaluation = evaluate_validation(output, data, options, tolerance, window=window)
     return FinetuneResult(training, evaluation)
 

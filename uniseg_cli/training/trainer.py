@@ -242,14 +242,15 @@ def poly_lr(initial: float, epoch: int, epochs: int, exponent: float = 0.9) -> f
 def train(data_folder: str | Path, output: str | Path, *, config: UniSegConfig | None = None,
           options: TrainOptions = TrainOptions(), preset: str = "published",
           init_state: dict[str, torch.Tensor] | None = None, trainable: Trainable | None = None,
-          on_epoch_end: Callable[[int], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[int], None] | None = None, tasks: Sequence[TaskData] | None = None) -> TrainResult:
     """Train on a pre-processed folder into ``output``; see the module docstring for what is written.
 
     ``init_state`` starts from these weights instead of a random initialisation (fine-tuning);
-    ``trainable`` limits what trains (see ``Trainable``).
+    ``trainable`` limits what trains (see ``Trainable``); ``tasks`` is the folder's plan when the
+    caller has read it already.
     """
     output = Path(output)
-    tasks = read_plan(data_folder)
+    tasks = list(tasks) if tasks is not None else read_plan(data_folder)
     dist_info = _distributed_from_env()
     device = _training_device(options.device, dist_info)
     state_path = output / STATE_NAME
@@ -304,10 +305,55 @@ def _training_device(spec: str, dist_info: Distributed) -> torch.device:
     return device
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs (built by ``_setup``)."""
+
+    tasks: list[TaskData]
+    output: Path
+    config: UniSegConfig
+    options: TrainOptions
+    device: torch.device
+    dist_info: Distributed
+    chosen: list[tuple[list[str], list[str]]]
+    model: UniSeg
+    network: torch.nn.Module
+    guard: Trainable
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader
+    records: list[dict[str, Any]]
+    start_epoch: int = 0
+    best: float | None = None
+    best_epoch: int | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return any(val for _, val in self.chosen)
+
+
 def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: TrainOptions, device: torch.device,
          dist_info: Distributed, state: dict[str, Any] | None,
          on_epoch_end: Callable[[int], None] | None, init_state: dict[str, torch.Tensor] | None,
          trainable: Trainable | None) -> TrainResult:
+    run = _setup(tasks, output, config, options, device, dist_info, state, init_state, trainable)
+    loss = math.nan
+    for epoch in range(run.start_epoch, options.epochs):
+        record, loss, validated = _epoch(run, epoch)
+        if dist_info.main:
+            _checkpoint(run, epoch, record, validated)
+        if dist_info.world > 1:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+    return _finish(run, loss)
+
+
+def _setup(tasks: list[TaskData], output: Path, config: UniSegConfig, options: TrainOptions, device: torch.device,
+           dist_info: Distributed, state: dict[str, Any] | None, init_state: dict[str, torch.Tensor] | None,
+           trainable: Trainable | None) -> _Run:
+    """Splits, network, optimiser (restored from ``state`` when resuming), output files, data loader."""
     splits = read_splits(options.split_file, tasks) if options.split_file else make_splits(tasks, options.folds)
     chosen = select_fold(splits, tasks, options.fold)
     torch.manual_seed(options.seed)
@@ -318,8 +364,7 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
     guard = (trainable or Trainable()).apply(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
                                 momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     start_epoch, best, best_epoch = 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -351,73 +396,85 @@ def _run(tasks: list[TaskData], output: Path, config: UniSegConfig, options: Tra
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler, num_workers=options.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=options.workers > 0,
                                          worker_init_fn=_worker_init)
-    has_validation = any(val for _, val in chosen)
+    run = _Run(tasks, output, config, options, device, dist_info, chosen, model, network, guard, optimizer, scaler,
+               sampler, loader, records, start_epoch, best, best_epoch)
     log.info("training %d task(s) on %s%s: %d epochs × %d batches (%d per task) of %d patch(es) %s, fold %s, "
              "validation %s", len(tasks), device, f" × {dist_info.world} ranks" if dist_info.world > 1 else "",
              options.epochs, len(sampler) * dist_info.world, options.batches_per_task, options.batch_size,
              "×".join(map(str, config.patch_size)), options.fold,
-             ", ".join(f"{t.task.key} {len(v)}" for t, (_, v) in zip(tasks, chosen)) if has_validation else "none")
+             ", ".join(f"{t.task.key} {len(v)}" for t, (_, v) in zip(tasks, chosen)) if run.has_validation else "none")
+    return run
 
-    loss = math.nan
-    for epoch in range(start_epoch, options.epochs):
-        started = time.perf_counter()
-        lr = poly_lr(options.learning_rate, epoch, options.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.set_epoch(epoch)
-        encoder_frozen = epoch < options.freeze_encoder_epochs
-        guard.freeze_encoder(model, encoder_frozen)
-        losses = []
-        with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(sampler),
-                          enabled=options.progress and dist_info.main) as advance:
-            for batch in loader:
-                losses.append(_step(network, optimizer, scaler, batch, tasks, config, device, options.augment, amp))
-                guard.restore()
-                advance(1)
-        loss = _mean_over_ranks(float(np.mean(losses)), device, dist_info)
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
-                                  "seconds": round(time.perf_counter() - started, 3)}
-        if encoder_frozen:
-            record["encoder_frozen"] = True
-        validate = has_validation and ((epoch + 1) % options.val_every == 0 or epoch + 1 == options.epochs)
-        if validate and dist_info.main:
-            dice = validation_dice(model, tasks, [val for _, val in chosen], device)
-            record["dice"] = dice
-            scores = [d for per_task in dice.values() for d in per_task.values() if d is not None]
-            record["mean_dice"] = round(float(np.mean(scores)), 6) if scores else None
-            if record["mean_dice"] is not None and (best is None or record["mean_dice"] > best):
-                best, best_epoch = record["mean_dice"], epoch + 1
-                save_model(model, output / BEST_FOLDER, overwrite=True)
-        if dist_info.main:
-            _save_state(output / STATE_NAME, model, optimizer, scaler, config, epoch + 1, best, best_epoch)
-            records.append(record)
-            with open(output / LOG_NAME, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            log.info("epoch %d/%d: loss %.4f, lr %.5f, %.1f s%s", epoch + 1, options.epochs, loss, lr,
-                     record["seconds"], f", mean Dice {record['mean_dice']:.4f}" if record.get("mean_dice") is not None else "")
-            if validate or epoch + 1 == options.epochs:
-                _plot(records, output / PLOT_NAME)
-        if dist_info.world > 1:
-            dist.barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
 
-    checksums = _weight_checksums(model, device, dist_info)
-    if dist_info.main:
+def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
+    """Train one epoch and validate when due; returns the log record, the mean loss, whether it validated."""
+    options, dist_info = run.options, run.dist_info
+    started = time.perf_counter()
+    lr = poly_lr(options.learning_rate, epoch, options.epochs)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.sampler.set_epoch(epoch)
+    encoder_frozen = epoch < options.freeze_encoder_epochs
+    run.guard.freeze_encoder(run.model, encoder_frozen)
+    losses = []
+    amp = run.device.type == "cuda"
+    with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(run.sampler),
+                      enabled=options.progress and dist_info.main) as advance:
+        for batch in run.loader:
+            losses.append(_step(run.network, run.optimizer, run.scaler, batch, run.tasks, run.config, run.device,
+                                options.augment, amp))
+            run.guard.restore()
+            advance(1)
+    loss = _mean_over_ranks(float(np.mean(losses)), run.device, dist_info)
+    record: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
+                              "seconds": round(time.perf_counter() - started, 3)}
+    if encoder_frozen:
+        record["encoder_frozen"] = True
+    validate = run.has_validation and ((epoch + 1) % options.val_every == 0 or epoch + 1 == options.epochs)
+    if validate and dist_info.main:
+        dice = validation_dice(run.model, run.tasks, [val for _, val in run.chosen], run.device)
+        record["dice"] = dice
+        scores = [d for per_task in dice.values() for d in per_task.values() if d is not None]
+        record["mean_dice"] = round(float(np.mean(scores)), 6) if scores else None
+        if record["mean_dice"] is not None and (run.best is None or record["mean_dice"] > run.best):
+            run.best, run.best_epoch = record["mean_dice"], epoch + 1
+            save_model(run.model, run.output / BEST_FOLDER, overwrite=True)
+    return record, loss, validate
+
+
+def _checkpoint(run: _Run, epoch: int, record: dict[str, Any], validated: bool) -> None:
+    """Rank 0, after each epoch: the resumable state, the log line, and the curves when they changed."""
+    options, output = run.options, run.output
+    _save_state(output / STATE_NAME, run.model, run.optimizer, run.scaler, run.config, epoch + 1, run.best,
+                run.best_epoch)
+    run.records.append(record)
+    with open(output / LOG_NAME, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    log.info("epoch %d/%d: loss %.4f, lr %.5f, %.1f s%s", epoch + 1, options.epochs, record["loss"], record["lr"],
+             record["seconds"], f", mean Dice {record['mean_dice']:.4f}" if record.get("mean_dice") is not None else "")
+    if validated or epoch + 1 == options.epochs:
+        _plot(run.records, output / PLOT_NAME)
+
+
+def _finish(run: _Run, loss: float) -> TrainResult:
+    """The final weights (and best/ when nothing was validated), the log's end record."""
+    checksums = _weight_checksums(run.model, run.device, run.dist_info)
+    output, options = run.output, run.options
+    if run.dist_info.main:
         with atomic_file(output / "model.safetensors", suffix=".safetensors") as tmp:
-            write_weights(model, tmp)
-        if not has_validation:
-            save_model(model, output / BEST_FOLDER, overwrite=True)  # nothing to choose by: the final weights
-        end = {"event": "end", "epochs": options.epochs, "best_dice": best, "best_epoch": best_epoch,
+            write_weights(run.model, tmp)
+        if not run.has_validation:
+            save_model(run.model, output / BEST_FOLDER, overwrite=True)  # nothing to choose by: the final weights
+        end = {"event": "end", "epochs": options.epochs, "best_dice": run.best, "best_epoch": run.best_epoch,
                "weights_checksum_per_rank": checksums}
         with open(output / LOG_NAME, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(end) + "\n")
         log.info("model written to %s (final weights; best validation in %s/)", output, BEST_FOLDER)
-    if dist_info.world > 1:
+    if run.dist_info.world > 1:
         # the other ranks wait for rank 0's files: a rank that tears down its process group while
         # rank 0 still writes can abort in gloo's teardown ("terminate called"), failing a finished run
         dist.barrier()
-    return TrainResult(output, options.epochs, loss, best, best_epoch, records)
+    return TrainResult(output, options.epochs, loss, run.best, run.best_epoch, run.records)
 
 
 def _worker_init(worker: int) -> None:
