@@ -32,9 +32,8 @@ def inference_kernels(device: torch.device) -> Iterator[None]:
 
     PyTorch's heuristic runs a 3D convolution of one patch with few channels (a small model, or the
     published model's coarsest stages) through its im2col fallback instead of oneDNN: 9× slower for
-    ``uniseg-demo`` (144 ms against 16 ms per 32×64×64 patch on 2 cores). CPU blocks also normalise
-    their convolution's output in place (``norm_activation``). Only where no gradients are recorded:
-    training, tracing and export see plain modules.
+    ``uniseg-demo`` (144 ms against 16 ms per 32×64×64 patch on 2 cores; docs/benchmarks.md, "Small
+    models"). Only where no gradients are recorded: training, tracing and export see plain modules.
     """
     token = _INFERENCE.set(device)
     try:
@@ -44,7 +43,7 @@ def inference_kernels(device: torch.device) -> Iterator[None]:
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
-    """Inside ``inference_kernels``, with no gradients recorded, on the CPU: where the kernels below apply."""
+    """Inside ``inference_kernels``, with no gradients recorded, on the CPU: where oneDNN is forced."""
     return _INFERENCE.get() is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
 
 
@@ -60,23 +59,12 @@ class Conv3d(nn.Conv3d):
 
 
 def norm_activation(y: torch.Tensor, norm: nn.InstanceNorm3d, activation: nn.LeakyReLU) -> torch.Tensor:
-    """``activation(norm(y))`` for a fresh convolution output ``y``; in CPU inference, in ``y``'s memory.
+    """``activation(norm(y))`` with torch's own modules (the activation in place).
 
-    The instance norm is the kernel ``F.instance_norm`` calls (batch norm over batch × channels, the
-    same values bit for bit) writing into its input, so a block allocates one activation instead of
-    two (on the test CPU the time per pass moved within its run-to-run noise; the kernel alone is 53
-    against 63 ms on a 32×64×192×192 activation).
+    An in-place instance norm through the private ``native_batch_norm.out`` kernel was tried: the same
+    values, but time and peak memory per pass within run-to-run noise, so the public path stays.
     """
-    if not _cpu_inference(y) or not y.is_contiguous():
-        return activation(norm(y))
-    batch, channels = y.shape[:2]
-    flat = y.view(1, batch * channels, *y.shape[2:])
-    weight = None if norm.weight is None else norm.weight.repeat(batch)
-    bias = None if norm.bias is None else norm.bias.repeat(batch)
-    statistics = [torch.empty(batch * channels, device=y.device) for _ in range(2)]
-    torch.ops.aten.native_batch_norm.out(flat, weight, bias, None, None, True, 0.0, norm.eps,
-                                         out=flat, save_mean=statistics[0], save_invstd=statistics[1])
-    return torch.nn.functional.leaky_relu_(y, activation.negative_slope)
+    return activation(norm(y))
 
 
 def _padding(kernel: Triple) -> Triple:
