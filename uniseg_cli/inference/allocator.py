@@ -1,28 +1,21 @@
 """How the command-line process gets memory for the network's activations.
 
 Each 3D forward pass allocates and frees gigabytes of activations. With glibc's defaults every large
-block is a fresh mmap, so every pass pays millions of 4 KiB page faults (measured on the published
-configuration, one 64×192×192 patch, 2 cores: 7.4-7.8 s per pass, 4.9 s of it in the kernel). Two
-remedies:
+block is a fresh mmap, so every pass pays millions of 4 KiB page faults, a large share of a CPU pass.
+Two remedies:
 
 - transparent huge pages for torch's large allocations (torch's ``THP_MEM_ALLOC_ENABLE``): the memory
   goes back to the system after each pass, but every pass faults its activations in again (2 MB pages);
 - glibc keeping freed memory for reuse (``mallopt``): no faults after the first pass, but the process
   keeps its peak, fragmented, until it exits.
 
-Measured with ``benchmarks/predict_vs_nnunet.py`` (fp32, 12 passes, torch 2.14, 2 cores, two runs): on
-the real CT, huge pages 75.7 s at a peak RSS of 2578 MiB, keeping freed memory 56.0-56.7 s at
-3179-3296 MiB; on a 512×512×600 CT, 77.9 s at 2618 MiB against 56.3-60.7 s at 2864-3476 MiB (how much
-freed memory stays resident depends on how the heap fragments). ``predict`` prefers memory: huge pages
-where the kernel offers them, because they bound memory on large scans. Training repeats the same
-allocations for hours, so ``train`` and ``finetune`` prefer speed and keep freed memory
-(``benchmarks/train_throughput.py --preset small --device cpu``: 4.4 iterations/s with glibc's
-defaults, 4.9-5.8 with huge pages, 5.4-6.0 keeping freed memory). ``THP_MEM_ALLOC_ENABLE`` set by the
-user decides for both: ``1`` huge pages, anything else keeps freed memory. This module does not import
-torch: the huge-page switch must be set before torch allocates anything. Only command-line processes
-are tuned; a library must not change its host's allocator silently.
+``predict`` prefers memory: huge pages where the kernel offers them, because they bound memory on large
+scans. Training repeats the same allocations for hours, so ``train`` and ``finetune`` prefer speed and
+keep freed memory. The trade measured both ways is in docs/benchmarks.md. ``THP_MEM_ALLOC_ENABLE`` set
+by the user decides for both: ``1`` huge pages, anything else keeps freed memory. This module does not
+import torch: the huge-page switch must be set before torch allocates anything. Only command-line
+processes are tuned; a library must not change its host's allocator silently.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -79,7 +72,7 @@ def huge_pages_offered() -> bool:
 
 def keep_freed_memory() -> bool:
     """Make glibc keep and reuse freed memory instead of returning every large block to the kernel, in
-    one arena (per-thread arenas each kept their own freed blocks: 0.6 GB more peak RSS)."""
+    one arena (per-thread arenas would each keep their own freed blocks, multiplying the peak)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

@@ -18,12 +18,10 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     """The precision to run.
 
     ``auto`` (the default) is the faithful choice: fp16 autocast on CUDA, where it gave the fp32 label
-    maps (Dice 0.997/0.998 with TTA on the realistic CT, 2.7× the sliding-window speed), and fp32
-    elsewhere. ``fast`` (what ``--fast`` picks) adds bf16 autocast on CPUs with native bf16
-    instructions: 1.9–2.7× the speed per pass on the test CPU, and Dice ≥ 0.995 against fp32 for every
-    class with the trained demo model on the real scans, but only 0.97 with random published-size
-    weights (near-ties), so not the default while the published weights cannot be checked (see the
-    README's benchmarks).
+    maps, and fp32 elsewhere. ``fast`` (what ``--fast`` picks) adds bf16 autocast on CPUs with native
+    bf16 instructions, much faster per pass; it is not the default because its agreement with fp32
+    could only be checked on the demo model and random weights, not the published ones
+    (docs/benchmarks.md has both).
     """
     if spec not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {spec!r}")

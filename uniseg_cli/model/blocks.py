@@ -31,9 +31,9 @@ def inference_kernels(device: torch.device) -> Iterator[None]:
     summation order).
 
     PyTorch's heuristic runs a 3D convolution of one patch with few channels (a small model, or the
-    published model's coarsest stages) through its im2col fallback instead of oneDNN: 9× slower for
-    ``uniseg-demo`` (144 ms against 16 ms per 32×64×64 patch on 2 cores; docs/benchmarks.md, "Small
-    models"). Only where no gradients are recorded: training, tracing and export see plain modules.
+    published model's coarsest stages) through its im2col fallback instead of oneDNN, several times
+    slower (docs/benchmarks.md, "Small models"). Only where no gradients are recorded: training,
+    tracing and export see plain modules.
     """
     token = _INFERENCE.set(device)
     try:
