@@ -120,7 +120,7 @@ class Segmenter:
     def select_tasks(self, spec: str, data: np.ndarray, *, source: str, modality: str | None = None) -> list[Task]:
         """The task(s) ``spec`` names for this input; refuses tasks whose channels do not fit."""
         channels = data.shape[0]
-        if spec.strip().lower() != ALL_TASKS:
+        if not _is_all(spec):
             task = resolve_task(spec, self.tasks)
             if len(task.channels) != channels:
                 wanted = ", ".join(c.name for c in task.channels)
@@ -177,13 +177,14 @@ class Segmenter:
         if data.ndim != 4:
             raise UnisegError(f"{source}: expected a (channels, z, y, x) array, got shape {data.shape}")
         if isinstance(task, str):
-            tasks, merged = self.select_tasks(task, data, source=source, modality=modality), self.task_key(task) == ALL_TASKS
+            tasks, merged = self.select_tasks(task, data, source=source, modality=modality), _is_all(task)
         else:
             tasks, merged = list(task), len(task) > 1
         legend, offsets = self.legend(tasks, merged=merged)
         groups = [(group, *self._preprocess(data, tuple(spacing), axis_world, group[0], source=source))
                   for group in _group_by_preprocessing(tasks)]
-        return NetworkInputs(tuple(data.shape[1:]), legend, offsets, groups)  # type: ignore[arg-type]
+        key = ALL_TASKS if merged else tasks[0].key
+        return NetworkInputs(key, tuple(data.shape[1:]), legend, offsets, groups)  # type: ignore[arg-type]
 
     def _preprocess(self, data: np.ndarray, spacing: tuple[float, ...], axis_world: Sequence[int], task: Task, *,
                     source: str) -> tuple[torch.Tensor, CropInfo]:
@@ -264,7 +265,7 @@ class Segmenter:
 
     def task_key(self, spec: str) -> str:
         """``all`` or the key of the task ``spec`` names (used in output names and results)."""
-        return ALL_TASKS if spec.strip().lower() == ALL_TASKS else resolve_task(spec, self.tasks).key
+        return ALL_TASKS if _is_all(spec) else resolve_task(spec, self.tasks).key
 
     def predict_file(self, channels: str | Path | Sequence[str | Path], task: str, output: str | Path,
                      **options: Any) -> CaseResult:
@@ -295,7 +296,7 @@ class Segmenter:
         data, geometry = read_channels(case.channels)
         inputs = self.prepare_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
                                     source=str(case.channels[0]), modality=modality)
-        return PreparedCase(case, self.task_key(task), output, geometry, inputs, start)
+        return PreparedCase(case, inputs.key, output, geometry, inputs, start)
 
     def write_case(self, prepared: PreparedCase, prediction: Prediction, *,
                    probabilities: str | None = None) -> CaseResult:
@@ -317,8 +318,9 @@ class Segmenter:
 @dataclass
 class NetworkInputs:
     """Pre-processed network inputs of one case: per group of tasks sharing a spacing, the array and
-    how to undo the pre-processing; plus the output grid and label numbering."""
+    how to undo the pre-processing; plus the task key of the outputs, the output grid and label numbering."""
 
+    key: str
     shape: tuple[int, int, int]
     legend: list[Label]
     offsets: dict[str, int]
@@ -339,6 +341,10 @@ class PreparedCase:
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
+
+
+def _is_all(spec: str) -> bool:
+    return spec.strip().lower() == ALL_TASKS
 
 
 def _group_by_preprocessing(tasks: Sequence[Task]) -> list[list[Task]]:
