@@ -162,3 +162,18 @@ def test_preprocess_on_the_gpu_equals_the_cpu(ct_volume):
     on_gpu, _ = preprocess(*arguments, device="cuda")
     assert on_gpu.is_cuda
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-5, rtol=0)
+
+
+def test_uncropped_probabilities_are_certain_background_outside_the_crop():
+    from uniseg_cli.data.preprocessing import CropInfo, uncrop
+
+    info = CropInfo(permutation=(0, 1, 2), shape=(4, 5, 6), bbox=(slice(1, 3), slice(1, 4), slice(2, 5)),
+                    spacing=(1.0, 1.0, 1.0), target_spacing=(1.0, 1.0, 1.0))
+    probabilities = np.full((3, 2, 3, 3), 0.25, dtype=np.float16)
+    full = uncrop(probabilities, info, fill_first=1)
+    assert full.shape == (3, 4, 5, 6) and full.dtype == np.float16
+    inside = (slice(None), *info.bbox)
+    assert (full[inside] == 0.25).all()
+    outside = np.ones((4, 5, 6), bool)
+    outside[info.bbox] = False
+    assert (full[0][outside] == 1).all() and (full[1:][:, outside] == 0).all()

@@ -318,9 +318,14 @@ def argmax_classes(probabilities: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def uncrop(labels: np.ndarray, info: CropInfo, *, fill: int = 0) -> np.ndarray:
-    """Paste a cropped ``(…, z, y, x)`` array into the full grid and undo the axis permutation."""
+def uncrop(labels: np.ndarray, info: CropInfo, *, fill: int = 0, fill_first: float | None = None) -> np.ndarray:
+    """Paste a cropped ``(…, z, y, x)`` array into the full grid and undo the axis permutation.
+
+    Outside the crop the array holds ``fill``; ``fill_first`` gives the first channel its own value
+    (probabilities: the background is certain where nothing was cropped in)."""
     full = np.full((*labels.shape[:-3], *info.shape), fill, dtype=labels.dtype)
+    if fill_first is not None:
+        full[0] = fill_first
     full[(..., *info.bbox)] = labels
     lead = tuple(range(labels.ndim - 3))
     inverse = inverse_permutation(info.permutation)

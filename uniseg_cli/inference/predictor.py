@@ -219,7 +219,7 @@ class Segmenter:
                     labels_t, p = labels_from_probabilities(probs, info, keep=probabilities, slab_bytes=slab_bytes)
                     labels = uncrop(labels_t.cpu().numpy(), info)
                     if p is not None:
-                        saved[task_.key] = np.concatenate([uncrop(p[:1], info, fill=1), uncrop(p[1:], info)])
+                        saved[task_.key] = uncrop(p, info, fill_first=1)
                     del probs, labels_t, p
                     offset = inputs.offsets[task_.key]
                     if single:  # one task: its map is the output (shifted only for the merged numbering)
