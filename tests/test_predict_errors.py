@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -162,3 +163,49 @@ def test_folder_without_scans(run_cli, coarse_model_dir, tmp_path, out):
     code, _, err = run_cli("predict", empty, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
     assert code == 2 and _one_error_line(err) == (f"Error: {empty}: folder holds no scans (.nii.gz, .nii, .nrrd, "
                                                   ".mha, .mhd) and no DICOM series")
+
+
+def _scaled(affine, factors):
+    out = affine.copy()
+    out[:3, :3] *= np.asarray(factors)       # columns = voxel axes i, j, k
+    return out
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda image: nib.Nifti1Image(np.asarray(image.dataobj), _scaled(image.affine, (1e6 / 3, 1e6 / 3, 1))),
+     "voxel size 1e+06 × 1e+06 × 3 mm is outside 0.01–100 mm"),
+    (lambda image: nib.Nifti1Image(np.asarray(image.dataobj), _scaled(image.affine, (1e-4 / 3, 1, 1))),
+     "voxel size 0.0001 × 3 × 3 mm is outside 0.01–100 mm"),
+    (lambda image: _with_zooms(image, (0.0, 3.0, 3.0)), "voxel size 1 × 3 × 3 mm disagrees with its affine's 3 × 3 × 3 mm"),
+    (lambda image: _with_nan_origin(image), "orientation or origin holds NaN or infinite values"),
+])
+def test_a_broken_header_fails_its_case_and_the_batch_goes_on(run_cli, coarse_model_dir, tmp_path, damage, message):
+    image = nib.load(CT)
+    bad = tmp_path / "in" / "a_broken.nii.gz"
+    bad.parent.mkdir()
+    nib.save(damage(image), bad)
+    shutil.copy(CT, tmp_path / "in" / "b_good.nii.gz")
+    code, out, err = run_cli("predict", tmp_path / "in", "-t", "spleen", "-m", coarse_model_dir, "-o", tmp_path / "out",
+                             "--no-tta", "--json")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and [r["case"] for r in records] == ["a_broken", "b_good"]
+    assert message in records[0]["error"] and f"Error: {bad}: " in err
+    assert records[1]["labels"] and (tmp_path / "out" / "b_good_spleen.nii.gz").exists()
+    assert not (tmp_path / "out" / "a_broken_spleen.nii.gz").exists() and "Traceback" not in err
+
+
+def _with_zooms(image, zooms):
+    broken = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header.copy())
+    broken.header.set_zooms(zooms)        # pixdim 0: nibabel reads it back as 1 mm
+    return broken
+
+
+def _with_nan_origin(image):
+    affine = image.affine.copy()
+    affine[0, 3] = np.nan
+    broken = nib.Nifti1Image(np.asarray(image.dataobj), None, image.header.copy())
+    broken.header.set_qform(None, code=0)
+    broken.header["sform_code"] = 1
+    for row, name in enumerate(("srow_x", "srow_y", "srow_z")):
+        broken.header[name] = affine[row]
+    return broken

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 
 from uniseg_cli.io.atomic import make_folder
 from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
@@ -20,7 +19,9 @@ from uniseg_cli.inference.sliding_window import WindowOptions
 log = logging.getLogger(__name__)
 
 #: Failures that belong to one case; anything else is a bug and stops the batch with a traceback.
-CASE_ERRORS = (UnisegError, OSError, MemoryError, torch.OutOfMemoryError)
+# Whatever goes wrong with one case fails that case only: its error line and JSON record, then the next
+# case. Ctrl-C and SIGTERM are BaseExceptions and still stop the batch.
+CASE_ERRORS = (Exception,)
 
 
 def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, model: str | None, output: Path | None,
@@ -146,6 +147,8 @@ class _Pipeline:
     def _error(self, case: Case, exc: BaseException) -> CaseResult:
         self.failures += 1
         message = str(exc) if isinstance(exc, UnisegError) else f"{case.channels[0]}: {_describe(exc)}"
+        if not isinstance(exc, (UnisegError, OSError, MemoryError)):  # unexpected: a uniseg bug, shown with -v
+            log.debug("%s failed", case.name, exc_info=(type(exc), exc, exc.__traceback__))
         print(f"Error: {message}", file=sys.stderr)
         return CaseResult.of(case, self.key, error=message)
 

@@ -7,6 +7,7 @@ go through SimpleITK. Arrays are in SimpleITK's order (z, y, x) either way, spac
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from uniseg_cli.io.atomic import atomic_file
 from uniseg_cli.errors import UnisegError, first_line
+from uniseg_cli.io.atomic import atomic_file
+
+log = logging.getLogger(__name__)
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -94,9 +97,32 @@ def read_image(path: str | Path, *, nan_to_zero: bool = True) -> tuple[np.ndarra
         raise ImageError(f"{path}: not enough memory to read the image") from None
     except Exception as exc:  # every reader fails its own way on corrupt files
         raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
-    if nan_to_zero and np.isnan(data).any():
-        np.nan_to_num(data, copy=False, nan=0.0)
+    check_geometry(path, geometry)
+    if nan_to_zero:
+        nan = np.isnan(data)
+        if nan.any():
+            log.warning("%s: %.2g%% of the voxels are NaN; they are read as 0", path, 100 * nan.mean())
+            np.nan_to_num(data, copy=False, nan=0.0)
     return data, geometry
+
+
+SPACING_RANGE_MM = (0.01, 100.0)  # voxel sizes outside this are broken headers, not scans
+
+
+def check_geometry(path: Path, geometry: Geometry) -> None:
+    """Refuse a header no scanner writes (before it turns into a crash or a plausible wrong map):
+    voxel sizes outside 0.01–100 mm or not finite, a non-finite or singular orientation or origin."""
+    low, high = SPACING_RANGE_MM
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    if not np.isfinite(spacing).all() or (spacing < low).any() or (spacing > high).any():
+        shown = " × ".join(f"{s:g}" for s in spacing[::-1])
+        raise ImageError(f"{path}: voxel size {shown} mm is outside {low:g}–{high:g} mm (a broken header?)")
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    matrices = [direction] + ([np.asarray(geometry.affine, dtype=float)] if geometry.affine is not None else [])
+    if not all(np.isfinite(m).all() for m in matrices) or not np.isfinite(geometry.origin).all():
+        raise ImageError(f"{path}: its orientation or origin holds NaN or infinite values (a broken header?)")
+    if abs(np.linalg.det(direction)) < 1e-6:
+        raise ImageError(f"{path}: its orientation matrix is singular (axes do not span 3-D space)")
 
 
 def read_channels(paths: Sequence[str | Path], *, nan_to_zero: bool = True) -> tuple[np.ndarray, Geometry]:
@@ -133,6 +159,11 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     data = np.ascontiguousarray(data.transpose(3, 2, 1, 0))  # (i, j, k, c) -> (c, z, y, x)
     affine = image.affine
     zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    spanned = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.isfinite(affine).all() and not np.allclose(spanned, zooms, rtol=1e-3, atol=1e-4):
+        # nibabel turns a zero pixdim into 1 mm on load; the affine still says what the scanner wrote
+        raise ImageError(f"{path}: the header's voxel size {' × '.join(f'{z:g}' for z in zooms)} mm disagrees with "
+                         f"its affine's {' × '.join(f'{z:.4g}' for z in spanned)} mm (a broken header?)")
     ras = affine[:3, :3] / np.where(zooms > 0, zooms, 1.0)
     lps = np.diag([-1.0, -1.0, 1.0])
     geometry = Geometry(
