@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
@@ -32,25 +34,42 @@ def test_python_dash_m_and_console_script_run_the_same_app(tmp_path):
     assert result.stderr.strip() == f"Error: {tmp_path / 'x.model'}: no such file"
 
 
-def test_ctrl_c_exits_130_and_leaves_no_partial_output(small_model_dir, tmp_path):
-    """SIGINT during a prediction: exit code 130, one line, no half-written or temporary file."""
+@pytest.mark.parametrize("signame,where,code,message", [
+    ("SIGINT", "uniseg_cli.inference.predictor:sliding_window", 130, "Error: interrupted"),
+    ("SIGTERM", "uniseg_cli.io.atomic:publish", 143, "Error: stopped by SIGTERM"),   # with a temporary file written
+])
+def test_ctrl_c_and_sigterm_exit_one_line_and_leave_no_partial_output(small_model_dir, tmp_path, signame, where, code,
+                                                                      message):
+    """Ctrl-C while the network runs, SIGTERM (timeout, Slurm, Kubernetes) while the output is being put in
+    place: 128 + the signal, one line, no half-written or temporary file."""
     import subprocess
     import sys
 
     from conftest import CT
 
+    module, name = where.split(":")
+    out = tmp_path / "out"
+    out.mkdir()
     script = (
-        "import os, signal, sys, threading\n"
+        "import importlib, os, signal, sys\n"
         "from uniseg_cli.cli import main\n"
-        "import uniseg_cli.inference.predictor as predictor\n"
-        "window = predictor.sliding_window\n"
-        "def interrupted(*args, **kwargs):\n"        # Ctrl-C once the network is running, every time
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "    return window(*args, **kwargs)\n"
-        "predictor.sliding_window = interrupted\n"
+        f"module = importlib.import_module({module!r})\n"
+        f"original = module.{name}\n"
+        "def interrupted(*args, **kwargs):\n"          # the signal arrives there, every time
+        f"    os.kill(os.getpid(), signal.{signame})\n"
+        "    return original(*args, **kwargs)\n"
+        f"module.{name} = interrupted\n"
         f"sys.exit(main(['predict', {str(CT)!r}, '-t', 'kidney', '-m', {str(small_model_dir)!r}, "
-        f"'-o', {str(tmp_path / 'k.nii.gz')!r}, '--device', 'cpu']))\n")
+        f"'-o', {str(out / 'k.nii.gz')!r}, '--device', 'cpu', '--no-tta', '--step', '1']))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 130, result.stderr[-2000:]
-    assert "Error: interrupted" in result.stderr and "Traceback" not in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert result.returncode == code, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]      # no hidden temporary file left
+    if signame == "SIGINT":
+        assert list(out.iterdir()) == []
+    else:  # the writer thread may finish the file it was publishing: then it is whole
+        assert [p.name for p in out.iterdir()] in ([], ["k.nii.gz"])
+        if (out / "k.nii.gz").exists():
+            import nibabel as nib
+
+            assert nib.load(out / "k.nii.gz").shape == nib.load(CT).shape

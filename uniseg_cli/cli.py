@@ -77,33 +77,40 @@ app.add_typer(weights.app, name="weights")
 
 
 class Interrupted(BaseException):
-    """Ctrl-C, raised instead of KeyboardInterrupt so that it reaches ``main`` (click would turn a
-    KeyboardInterrupt into "Aborted!" and exit code 1); a BaseException, so ``except Exception`` blocks let
-    it pass while the atomic writers still clean up their temporary files."""
+    """Ctrl-C or SIGTERM (what ``timeout``, Slurm, Kubernetes and systemd send), raised instead of
+    KeyboardInterrupt so that it reaches ``main`` (click would turn a KeyboardInterrupt into "Aborted!"
+    and exit code 1); a BaseException, so ``except Exception`` blocks let it pass while the atomic writers
+    still clean up their temporary files."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted()
+    raise Interrupted(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code (130 when interrupted)."""
+    """Entry point of the console script; returns the process exit code (130 on Ctrl-C, 143 on SIGTERM)."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _interrupt) for s in handled} if in_main_thread else {}
     try:
         app(args=argv, prog_name="uniseg")
     except UnisegError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Interrupted:
-        print("Error: interrupted (outputs not finished were removed; train/finetune continue with --resume, "
+    except Interrupted as exc:
+        what = "interrupted" if exc.signum == signal.SIGINT else f"stopped by {signal.Signals(exc.signum).name}"
+        print(f"Error: {what} (outputs not finished were removed; train/finetune continue with --resume, "
               "predict with --skip-existing)", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
