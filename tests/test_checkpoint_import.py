@@ -168,3 +168,13 @@ def test_existing_output_is_kept_unless_forced(tmp_path, checkpoint, run_cli):
     assert (out / "keep.txt").read_text() == "mine"
     code, _, _ = run_cli("weights", "import", checkpoint, "-o", out, "--device", "cpu", "--force")
     assert code == 0 and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_an_output_folder_holding_the_checkpoint_is_refused(tmp_path, checkpoint, run_cli, monkeypatch):
+    # --force would replace the folder, and the checkpoint in it with it
+    code, _, err = run_cli("weights", "import", checkpoint, "-o", tmp_path, "--device", "cpu", "--force")
+    assert code == 2 and err.strip() == f"Error: {tmp_path}: holds the input {checkpoint}; write the model folder elsewhere"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("weights", "import", checkpoint.name, "-o", ".", "--force")
+    assert code == 2 and "holds the input" in err and "Traceback" not in err
+    assert checkpoint.exists()

@@ -209,3 +209,26 @@ def _with_nan_origin(image):
     for row, name in enumerate(("srow_x", "srow_y", "srow_z")):
         broken.header[name] = affine[row]
     return broken
+
+
+def test_an_empty_shard_is_not_an_error_and_max_memory_must_be_positive(run_cli, coarse_model_dir, tmp_path):
+    code, out, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", tmp_path / "o",
+                             "--shard", "1/2", "--json")           # one case, two jobs: job 1 has nothing to do
+    assert code == 0 and out == "" and "no cases in shard 1/2 (1 case(s) in all)" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "--max-memory", "0")
+    assert code == 2 and err.strip() == "Error: --max-memory must be more than nothing, got '0'"
+
+
+def test_a_model_with_non_finite_weights_is_refused_at_load(run_cli, small_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(small_model_dir, broken)
+    state = load_file(broken / "model.safetensors")
+    state["seg_outputs.4.weight"][0] = float("nan")
+    save_file(state, broken / "model.safetensors")
+    code, out, err = run_cli("predict", CT, "-t", "spleen", "-m", broken, "-o", tmp_path / "s.nii.gz")
+    assert code == 1 and out == "" and not (tmp_path / "s.nii.gz").exists()
+    assert err.strip() == (f"Error: {broken / 'model.safetensors'}: 1 tensor(s) hold NaN or infinite values "
+                           "(seg_outputs.4.weight); the weights are corrupt")

@@ -256,8 +256,11 @@ def import_(
         if installed.became_default:
             log.info("%s is now the default model: commands without --model use it", name)
     else:
-        if output.resolve() == checkpoint.resolve():
-            raise UsageError(f"{output}: the output folder must not be the checkpoint itself")
+        target = output.resolve()
+        for given in (checkpoint, plans):  # replacing the folder would delete an input inside it
+            if given is not None and (given.resolve() == target or target in given.resolve().parents):
+                raise UsageError(f"{output}: holds the input {given}; write the model folder elsewhere")
+        output = target
         report = import_checkpoint(checkpoint, output, plans=plans, device=target, overwrite=force, license=license)
     c = report.config
     log.info("configuration: patch %s, features %s, %d tasks, %d classes, inputs %s channels",

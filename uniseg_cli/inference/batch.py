@@ -29,9 +29,13 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
               shard: str | None, skip_existing: bool, emit: Callable[[CaseResult], None] | None,
               progress: bool, max_memory: int | None = None) -> int:
     """Segment every case; returns the number of failed cases (each reported on stderr and to ``emit``)."""
-    cases = select_shard(collect_cases(arguments, stdin), shard)
-    if not cases:
-        raise UsageError("no cases to segment" + (f" in shard {shard}" if shard else ""))
+    every = collect_cases(arguments, stdin)
+    if not every:
+        raise UsageError("no cases to segment")
+    cases = select_shard(every, shard)
+    if not cases:  # a job array with more jobs than cases: nothing to do is not an error
+        log.info("no cases in shard %s (%d case(s) in all)", shard, len(every))
+        return 0
     segmenter = Segmenter(model, device=device, window=window, max_memory=max_memory)
     key = segmenter.task_key(task)
     plan = [(case, output_path(case, key, output, single=len(cases) == 1)) for case in cases]

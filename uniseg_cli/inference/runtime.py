@@ -68,4 +68,7 @@ def parse_size(text: str) -> int:
     if not match:
         raise UsageError(f"--max-memory must be a size like 4G, 512M or 1.5GiB, got {text!r}")
     number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
+    size = int(number * 1024 ** " kmgt".index(unit or " "))
+    if size <= 0:
+        raise UsageError(f"--max-memory must be more than nothing, got {text!r}")
+    return size

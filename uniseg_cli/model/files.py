@@ -52,6 +52,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> UniSe
     except ConfigError as exc:
         raise ModelFileError(str(exc)) from None
     state = read_safetensors(weights_path)
+    corrupt = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if corrupt:  # a network with NaN weights gives a plausible-looking empty map, not an error
+        raise ModelFileError(f"{weights_path}: {len(corrupt)} tensor(s) hold NaN or infinite values "
+                             f"({corrupt[0]}{', …' if len(corrupt) > 1 else ''}); the weights are corrupt")
     with torch.device("meta"):
         model = UniSeg(config)
     check_state_dict(model, state, source=str(weights_path))
