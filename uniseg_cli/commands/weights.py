@@ -256,11 +256,11 @@ def import_(
         if installed.became_default:
             log.info("%s is now the default model: commands without --model use it", name)
     else:
-        target = output.resolve()
+        folder = output.resolve()
         for given in (checkpoint, plans):  # replacing the folder would delete an input inside it
-            if given is not None and (given.resolve() == target or target in given.resolve().parents):
+            if given is not None and (given.resolve() == folder or folder in given.resolve().parents):
                 raise UsageError(f"{output}: holds the input {given}; write the model folder elsewhere")
-        output = target
+        output = output if output.name else folder  # "." and ".." name no folder to write beside
         report = import_checkpoint(checkpoint, output, plans=plans, device=target, overwrite=force, license=license)
     c = report.config
     log.info("configuration: patch %s, features %s, %d tasks, %d classes, inputs %s channels",
