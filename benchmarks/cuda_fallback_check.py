@@ -13,15 +13,14 @@ import time
 
 import numpy as np
 import torch
-
 from throughput import setup
 
 
 def main() -> None:
     import uniseg_cli.inference.predictor as predictor
-    from uniseg_cli.io.images import read_image
     from uniseg_cli.inference.predictor import Segmenter
     from uniseg_cli.inference.sliding_window import WindowOptions
+    from uniseg_cli.io.images import read_image
 
     work, model_dir, scan = setup("uniseg-fallback-", large=True)
     data, geometry = read_image(scan)

@@ -58,9 +58,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from uniseg_cli.io.images import read_channels
     from uniseg_cli.inference.predictor import Segmenter
     from uniseg_cli.inference.sliding_window import WindowOptions
+    from uniseg_cli.io.images import read_channels
     from uniseg_cli.tasks import resolve_task
 
     names = ["default", *[s for s in args.settings.split(",") if s != "default"]]

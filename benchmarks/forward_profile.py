@@ -39,9 +39,9 @@ def main() -> None:
     from measures import flops_per_forward
 
     from uniseg_cli.config import UniSegConfig
+    from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, precision_context
     from uniseg_cli.model.blocks import inference_kernels
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, precision_context
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -17,10 +17,10 @@ import functools
 import os
 import pickle
 import resource
-import threading
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path

@@ -47,9 +47,9 @@ def prepare(work: Path, model_dir: Path | None, cases: list[str]) -> tuple[Path,
 
     from uniseg_cli import save_model
     from uniseg_cli.config import UniSegConfig
+    from uniseg_cli.data.preprocessing import preprocess
     from uniseg_cli.io.images import read_image
     from uniseg_cli.model.network import UniSeg
-    from uniseg_cli.data.preprocessing import preprocess
     from uniseg_cli.tasks import resolve_task
 
     if model_dir is None:

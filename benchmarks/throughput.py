@@ -73,12 +73,12 @@ def main() -> None:
 
     import nibabel as nib
 
+    from uniseg_cli.config import UniSegConfig
     from uniseg_cli.inference import sliding_window as sw_module
     from uniseg_cli.inference.cases import Case
-    from uniseg_cli.config import UniSegConfig
-    from uniseg_cli.model.network import UniSeg
     from uniseg_cli.inference.predictor import Segmenter
     from uniseg_cli.inference.sliding_window import WindowOptions
+    from uniseg_cli.model.network import UniSeg
 
     work, model_dir, scan = setup("uniseg-throughput-", large=args.large)
     flops = flops_per_forward(UniSegConfig())

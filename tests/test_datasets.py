@@ -8,7 +8,6 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import CT, DATA, write_kidney_dataset
 
 
@@ -50,9 +49,9 @@ def test_preprocess_writes_arrays_properties_and_fingerprint(run_cli, kidney_dat
 
 def test_image_is_what_predict_feeds_the_network(kidney_prep):
     """One pre-processing path: the training array equals predict's network input for the same file."""
-    from uniseg_cli.io.images import read_channels
-    from uniseg_cli.data.training_cache import read_plan
     from uniseg_cli.data.preprocessing import preprocess
+    from uniseg_cli.data.training_cache import read_plan
+    from uniseg_cli.io.images import read_channels
 
     data = read_plan(kidney_prep)[0]
     props = data.properties("ct2")

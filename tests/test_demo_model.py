@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from conftest import CT, DATA
 
 
@@ -25,9 +24,9 @@ def test_quickstart_segments_the_example_ct_offline(run_cli, tmp_path, monkeypat
     """The bundled model, offline, as the README runs it: `uniseg predict … --task kidney -m uniseg-demo --fast`."""
     import nibabel as nib
 
-    from uniseg_cli.io.images import read_image
     from uniseg_cli.devices import pick_device
     from uniseg_cli.inference.runtime import resolve_precision
+    from uniseg_cli.io.images import read_image
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "kidney.nii.gz"

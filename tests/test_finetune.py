@@ -92,8 +92,8 @@ def _fresh_new_task_row(pretrained_dir, out):
 
 def test_new_task_without_freezing_trains_everything(small_model_dir, kidney_prep, tmp_path):
     from uniseg_cli import load_model
-    from uniseg_cli.training.finetune import new_task_model
     from uniseg_cli.data.training_cache import read_plan
+    from uniseg_cli.training.finetune import new_task_model
     from uniseg_cli.training.trainer import TrainOptions, train
 
     data = read_plan(kidney_prep)[0]
@@ -133,9 +133,9 @@ def test_a_new_channel_count_gets_a_new_input_convolution():
     import dataclasses
 
     from uniseg_cli.config import small_config
-    from uniseg_cli.training.finetune import downstream_model
     from uniseg_cli.model.network import UniSeg
     from uniseg_cli.tasks import resolve_task
+    from uniseg_cli.training.finetune import downstream_model
 
     tasks = tuple(dataclasses.replace(resolve_task(k), id=i) for i, k in enumerate(("kidney", "brain_tumor")))
     pretrained = UniSeg(small_config(tasks=tasks, input_channels=(1, 4)))

@@ -8,11 +8,18 @@ import subprocess
 import sys
 
 import pytest
-
 from hub_server import FakeHub
+
 from uniseg_cli.errors import ModelFileError, UsageError
 from uniseg_cli.weights.hub import (
-    Registry, RegistryError, load_registry, parse_registry, registry_folder, resolve_model, sha256_of, verify_files,
+    Registry,
+    RegistryError,
+    load_registry,
+    parse_registry,
+    registry_folder,
+    resolve_model,
+    sha256_of,
+    verify_files,
 )
 
 REPO = "uniseg-test/tiny"

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import DATA
+from reference_forward import reference_forward
 from torch import nn
 
-from reference_forward import reference_forward
 from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.errors import InputShapeError
 from uniseg_cli.model.network import UniSeg
-from conftest import DATA
 
 
 def published_keys() -> list[tuple[str, tuple[int, ...]]]:

@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import CT, SHARED_DATA
 
 
@@ -245,9 +244,9 @@ def test_task_all_lets_the_later_task_win_whatever_the_spacing_groups(ct_volume)
     import torch
 
     from uniseg_cli.config import small_config
-    from uniseg_cli.model.network import UniSeg
     from uniseg_cli.inference.predictor import Segmenter
     from uniseg_cli.inference.sliding_window import WindowOptions
+    from uniseg_cli.model.network import UniSeg
     from uniseg_cli.tasks import UPSTREAM_TASKS
 
     by_key = {t.key: t for t in UPSTREAM_TASKS}

@@ -9,7 +9,6 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import CT
 
 
@@ -96,8 +95,8 @@ def test_unwritable_output_folder(run_cli, coarse_model_dir, tmp_path):
 
 
 def test_a_failed_write_names_the_output_and_leaves_nothing(tmp_path):
-    from uniseg_cli.io.atomic import atomic_file
     from uniseg_cli.errors import UnisegError
+    from uniseg_cli.io.atomic import atomic_file
 
     target = tmp_path / "k.nii.gz"
     with pytest.raises(UnisegError, match=f"^{re.escape(str(target))}: cannot write \\(No space left on device\\)$"):

@@ -9,8 +9,17 @@ from scipy.ndimage import map_coordinates
 from skimage.transform import resize
 
 from uniseg_cli.data.preprocessing import (
-    CropInfo, axial_permutation, nearest_indices, nonzero_bbox, normalize, preprocess, resample_image,
-    resample_probabilities, resampled_shape, separate_axis, uncrop,
+    CropInfo,
+    axial_permutation,
+    nearest_indices,
+    nonzero_bbox,
+    normalize,
+    preprocess,
+    resample_image,
+    resample_probabilities,
+    resampled_shape,
+    separate_axis,
+    uncrop,
 )
 from uniseg_cli.tasks import resolve_task
 

@@ -121,8 +121,8 @@ def test_out_of_accelerator_memory_falls_back_to_cpu_accumulation_only(coarse_mo
 def test_preprocessing_runs_on_the_gpu_and_falls_back_to_the_cpu_when_its_memory_is_short(
         coarse_model_dir, ct_volume, monkeypatch, caplog):
     import uniseg_cli.inference.predictor as predictor
-    from uniseg_cli.inference.predictor import Segmenter
     from uniseg_cli.data.preprocessing import preprocess
+    from uniseg_cli.inference.predictor import Segmenter
 
     segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
     devices = []

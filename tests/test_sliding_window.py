@@ -9,7 +9,13 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from uniseg_cli.inference.sliding_window import WindowOptions, gaussian_importance, pad_to_patch, sliding_window, tile_starts
+from uniseg_cli.inference.sliding_window import (
+    WindowOptions,
+    gaussian_importance,
+    pad_to_patch,
+    sliding_window,
+    tile_starts,
+)
 
 
 def nnunet_steps(patch_size, image_size, step_size):

@@ -102,9 +102,8 @@ def test_loss_matches_a_hand_computation():
 
 # ------------------------------------------------------------------------------------ training
 def test_short_training_on_real_data_lowers_the_loss(kidney_prep, tmp_path):
-    from uniseg_cli.training.trainer import train, training_config
-
     from uniseg_cli.data.training_cache import read_plan
+    from uniseg_cli.training.trainer import train, training_config
 
     config = training_config(read_plan(kidney_prep), "small")
     result = train(kidney_prep, tmp_path / "model", config=config,

@@ -16,14 +16,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import CT, DATA
 from file_server import FileServer
 from test_checkpoint_import import nnunet_v1_checkpoint, plans_file
 from test_hub import hub as hub_server  # noqa: F401  (the local Hub fixture)
-from uniseg_cli.weights import hub
+
 from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.model.network import UniSeg
+from uniseg_cli.weights import hub
 
 NAME = "uniseg-11task"
 CHECKPOINT, PLANS = "model_final_checkpoint.model", "model_final_checkpoint.model.pkl"

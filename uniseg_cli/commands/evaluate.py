@@ -27,9 +27,10 @@ def evaluate(
       uniseg evaluate pred/ labelsTs/ --json > metrics.json
       uniseg evaluate case1_kidney.nii.gz case1.nii.gz --labels 1,2 --tolerance 2
     """
-    from uniseg_cli.io.atomic import write_text
     from uniseg_cli.errors import UsageError
-    from uniseg_cli.metrics import METRICS, evaluate as run, to_csv
+    from uniseg_cli.io.atomic import write_text
+    from uniseg_cli.metrics import METRICS, to_csv
+    from uniseg_cli.metrics import evaluate as run
 
     chosen = None
     if labels is not None:

@@ -9,7 +9,16 @@ from typing import Optional
 import typer
 
 from uniseg_cli.commands._options import (
-    BATCH_SIZE, DEVICE, FOLD, LEARNING_RATE, QUIET, RESUME, SEED, SPLIT_FILE, check_fold, parse_triple,
+    BATCH_SIZE,
+    DEVICE,
+    FOLD,
+    LEARNING_RATE,
+    QUIET,
+    RESUME,
+    SEED,
+    SPLIT_FILE,
+    check_fold,
+    parse_triple,
 )
 
 
@@ -53,8 +62,8 @@ def finetune(
     from uniseg_cli.inference.allocator import tune_allocator
 
     tune_allocator(prefer="speed")  # this process only, see uniseg_cli/inference/allocator.py
-    from uniseg_cli.training.finetune import finetune as run
     from uniseg_cli.inference.sliding_window import WindowOptions
+    from uniseg_cli.training.finetune import finetune as run
     from uniseg_cli.training.trainer import TrainOptions
 
     if quiet:

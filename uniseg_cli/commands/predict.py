@@ -49,8 +49,8 @@ def predict(
     from uniseg_cli.inference.allocator import tune_allocator
 
     tune_allocator()  # before torch is imported: this process only, see uniseg_cli/inference/allocator.py
-    from uniseg_cli.inference.batch import run_batch
     from uniseg_cli.errors import UsageError
+    from uniseg_cli.inference.batch import run_batch
     from uniseg_cli.inference.predictor import PROBABILITY_FORMATS
     from uniseg_cli.inference.runtime import PRECISIONS, parse_size
     from uniseg_cli.inference.sliding_window import WindowOptions

@@ -9,7 +9,16 @@ from typing import Optional
 import typer
 
 from uniseg_cli.commands._options import (
-    BATCH_SIZE, DEVICE, FOLD, LEARNING_RATE, QUIET, RESUME, SEED, SPLIT_FILE, check_fold, parse_triple,
+    BATCH_SIZE,
+    DEVICE,
+    FOLD,
+    LEARNING_RATE,
+    QUIET,
+    RESUME,
+    SEED,
+    SPLIT_FILE,
+    check_fold,
+    parse_triple,
 )
 
 
@@ -50,7 +59,8 @@ def train(
 
     tune_allocator(prefer="speed")  # this process only, see uniseg_cli/inference/allocator.py
     from uniseg_cli.data.training_cache import read_plan
-    from uniseg_cli.training.trainer import TrainOptions, train as run_training, training_config
+    from uniseg_cli.training.trainer import TrainOptions, training_config
+    from uniseg_cli.training.trainer import train as run_training
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)

@@ -127,8 +127,8 @@ def default(
     from pathlib import Path
 
     from uniseg_cli.errors import UsageError
-    from uniseg_cli.weights.hub import resolve_model
     from uniseg_cli.weights import store
+    from uniseg_cli.weights.hub import resolve_model
 
     if unset and model is not None:
         raise UsageError("give a model or --unset, not both")
@@ -187,8 +187,8 @@ def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default
 def verify(model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the default model.")) -> None:
     """Re-hash a model's files: a registry model against its pinned sha256s, an installed one against
     the hashes recorded when it was installed (exit 1 if any differs)."""
-    from uniseg_cli.weights.catalog import verify_model
     from uniseg_cli.errors import ModelFileError
+    from uniseg_cli.weights.catalog import verify_model
 
     lines, changed = verify_model(model)
     for line in lines:
@@ -239,9 +239,8 @@ def import_(
     import logging
 
     from uniseg_cli.devices import pick_device
-    from uniseg_cli.model.checkpoint_import import import_checkpoint
-
     from uniseg_cli.errors import UsageError
+    from uniseg_cli.model.checkpoint_import import import_checkpoint
 
     log = logging.getLogger("uniseg_cli")
     if (output is None) == (name is None):

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from uniseg_cli.data.preprocessing import axial_permutation
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.io.images import ImageError, read_channels, read_image, strip_ending
 from uniseg_cli.io.jsonfile import read_json
-from uniseg_cli.data.preprocessing import axial_permutation
 from uniseg_cli.tasks import CT_WINDOW, Channel, Task, resolve_task
 
 DATASET_JSON = "dataset.json"

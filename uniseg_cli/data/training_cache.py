@@ -27,15 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from uniseg_cli.io.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.data.datasets import (
-    CaseCheck, Dataset, DatasetError, TrainingCase, attach_task, check_case, default_task_key, known_key, label_classes,
-    median_spacing, parse_dataset_spec, read_dataset, renumber,
+    CaseCheck,
+    Dataset,
+    DatasetError,
+    TrainingCase,
+    attach_task,
+    check_case,
+    default_task_key,
+    known_key,
+    label_classes,
+    median_spacing,
+    parse_dataset_spec,
+    read_dataset,
+    renumber,
 )
+from uniseg_cli.data.preprocessing import preprocess, preprocess_labels
 from uniseg_cli.errors import UnisegError, UsageError, first_line
+from uniseg_cli.io.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.io.images import read_channels, read_image
 from uniseg_cli.io.jsonfile import read_json
-from uniseg_cli.data.preprocessing import preprocess, preprocess_labels
 from uniseg_cli.progress import counting_bar
 from uniseg_cli.tasks import UPSTREAM_TASKS, Task
 

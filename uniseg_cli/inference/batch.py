@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-
-from uniseg_cli.io.atomic import make_folder
-from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.errors import UnisegError, UsageError, first_line
+from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.inference.predictor import CaseResult, Prediction, PreparedCase, Segmenter
 from uniseg_cli.inference.sliding_window import WindowOptions
+from uniseg_cli.io.atomic import make_folder
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +180,14 @@ class _Progress:
     def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("passes"), TimeElapsedColumn(), TimeRemainingColumn(),

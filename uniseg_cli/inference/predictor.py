@@ -17,18 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniseg_cli.io.atomic import atomic_file, make_folder
-from uniseg_cli.inference.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
+from uniseg_cli.data.preprocessing import EXPORT_SLAB_BYTES, CropInfo, labels_from_probabilities, preprocess, uncrop
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.weights.hub import resolve_model
+from uniseg_cli.inference.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
+from uniseg_cli.inference.runtime import resolve_precision
+from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
+from uniseg_cli.io.atomic import atomic_file, make_folder
 from uniseg_cli.io.images import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.data.preprocessing import EXPORT_SLAB_BYTES, CropInfo, labels_from_probabilities, preprocess, uncrop
-from uniseg_cli.inference.runtime import resolve_precision
-from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.tasks import Task, resolve_task
+from uniseg_cli.weights.hub import resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from uniseg_cli.inference.runtime import precision_context, resolve_precision
 from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.inference.runtime import precision_context, resolve_precision
 
 MIRROR_AXES = (2, 3, 4)  # z, y, x of a (batch, channels, z, y, x) tensor
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniseg_cli.io.atomic import atomic_directory
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import CheckpointError, ModelFileError, first_line
+from uniseg_cli.io.atomic import atomic_directory
 from uniseg_cli.model.files import check_state_dict, load_model, write_model_files
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import UPSTREAM_TASKS

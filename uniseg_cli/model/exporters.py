@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from uniseg_cli.io.atomic import atomic_directory
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.weights.hub import CONFIG_NAME, WEIGHTS_NAME, resolve_model
+from uniseg_cli.io.atomic import atomic_directory
 from uniseg_cli.model.files import load_model, write_model_files
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.weights.model_card import model_card
 from uniseg_cli.tasks import Task, resolve_task
+from uniseg_cli.weights.hub import CONFIG_NAME, WEIGHTS_NAME, resolve_model
+from uniseg_cli.weights.model_card import model_card
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from uniseg_cli.io.atomic import atomic_directory, usual_permissions
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import ConfigError, ModelFileError
-from uniseg_cli.weights.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
+from uniseg_cli.io.atomic import atomic_directory, usual_permissions
 from uniseg_cli.model.network import UniSeg
+from uniseg_cli.weights.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
+
 
 def save_model(model: UniSeg, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` (its config and float weights) as a model folder, atomically."""

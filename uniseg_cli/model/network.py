@@ -13,7 +13,7 @@ from torch import nn
 
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import InputShapeError
-from uniseg_cli.model.blocks import LEAKY_SLOPE, ConvBlock, Conv3d, MultiInputConvBlock, StackedConvBlocks
+from uniseg_cli.model.blocks import LEAKY_SLOPE, Conv3d, ConvBlock, MultiInputConvBlock, StackedConvBlocks
 
 
 def build_encoder(config: UniSegConfig) -> nn.ModuleList:

@@ -28,20 +28,26 @@ from typing import Any
 
 import torch
 
-from uniseg_cli.io.atomic import write_text
 from uniseg_cli.data.datasets import default_task_key, label_classes, read_dataset
+from uniseg_cli.data.training_cache import TaskData, preprocess_datasets
 from uniseg_cli.errors import UsageError
-from uniseg_cli.metrics import CaseScores, report, score_arrays
-from uniseg_cli.weights.hub import resolve_model
+from uniseg_cli.inference.sliding_window import WindowOptions
+from uniseg_cli.io.atomic import write_text
 from uniseg_cli.io.images import read_channels, read_image
+from uniseg_cli.metrics import CaseScores, report, score_arrays
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.data.training_cache import TaskData, preprocess_datasets
-from uniseg_cli.inference.sliding_window import WindowOptions
 from uniseg_cli.tasks import Task
 from uniseg_cli.training.trainer import (
-    SPLITS_NAME, TrainOptions, TrainResult, Trainable, read_splits, select_fold, train,
+    SPLITS_NAME,
+    Trainable,
+    TrainOptions,
+    TrainResult,
+    read_splits,
+    select_fold,
+    train,
 )
+from uniseg_cli.weights.hub import resolve_model
 
 log = logging.getLogger(__name__)
 

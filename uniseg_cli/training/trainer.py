@@ -31,16 +31,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from uniseg_cli.io.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.config import UniSegConfig, small_config
+from uniseg_cli.data.training_cache import TaskData, read_plan
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
+from uniseg_cli.io.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.io.jsonfile import read_json
 from uniseg_cli.model.files import save_model, write_weights
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.data.training_cache import TaskData, read_plan
 from uniseg_cli.progress import counting_bar
-from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.training.augment import augment_batch
 from uniseg_cli.training.loss import deep_supervision_loss
 from uniseg_cli.training.sampling import EpochSampler, PatchBatches, SpatialOptions

@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_cli.errors import ModelFileError, UnisegError
-from uniseg_cli.weights.hub import MODEL_FILES, RegistryEntry, load_registry, model_paths, registry_folder, resolve_model, sha256_of, verify_files
 from uniseg_cli.weights import store
+from uniseg_cli.weights.hub import (
+    MODEL_FILES,
+    RegistryEntry,
+    load_registry,
+    model_paths,
+    registry_folder,
+    resolve_model,
+    sha256_of,
+    verify_files,
+)
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -325,7 +325,11 @@ def download(repo: str, revision: str, *, name: str, pins: dict[str, str] | None
     """Fetch (or find in the cache) a model's two files at ``revision``; verify pinned hashes."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     where = f"{repo}@{revision}"

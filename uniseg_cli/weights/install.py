@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from uniseg_cli import __version__
 from uniseg_cli.errors import CheckpointError, ModelFileError
-from uniseg_cli.weights.hub import MODEL_FILES, RegistryEntry, Release, require_accepted_license, sha256_of
 from uniseg_cli.weights import store
+from uniseg_cli.weights.hub import MODEL_FILES, RegistryEntry, Release, require_accepted_license, sha256_of
 
 if TYPE_CHECKING:
     import torch

@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from uniseg_cli.io.atomic import make_folder, write_text
 from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.io.atomic import make_folder, write_text
 from uniseg_cli.io.jsonfile import read_json
 
 MANIFEST_NAME = "manifest.json"
