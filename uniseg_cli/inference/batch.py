@@ -14,10 +14,10 @@ from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_
 from uniseg_cli.inference.predictor import CaseResult, Prediction, PreparedCase, Segmenter
 from uniseg_cli.inference.sliding_window import WindowOptions
 from uniseg_cli.io.atomic import make_folder
+from uniseg_cli.progress import on_terminal, stderr_progress
 
 log = logging.getLogger(__name__)
 
-#: Failures that belong to one case; anything else is a bug and stops the batch with a traceback.
 # Whatever goes wrong with one case fails that case only: its error line and JSON record, then the next
 # case. Ctrl-C and SIGTERM are BaseExceptions and still stop the batch.
 CASE_ERRORS = (Exception,)
@@ -47,7 +47,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
              segmenter.model_name + (" (default)" if model is None else ""),
              segmenter.device, options.precision, "on" if options.mirror else "off", options.step)
     pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, emit=emit)
-    with _Progress(enabled=progress and sys.stderr.isatty()) as bar, pipeline:
+    with _Progress(enabled=on_terminal(progress)) as bar, pipeline:
         skipped = {case.name for case, target in plan if skip_existing and target.exists()}
         todo = [(case, target) for case, target in plan if case.name not in skipped]
         pipeline.prefetch(todo[0] if todo else None)
@@ -179,19 +179,7 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("passes"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                      console=Console(stderr=True), transient=True)
+            self._progress = stderr_progress("passes")
             self._progress.__enter__()
         return self
 

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from uniseg_cli import __version__
 from uniseg_cli.errors import CheckpointError, ModelFileError
 from uniseg_cli.weights import store
-from uniseg_cli.weights.hub import MODEL_FILES, RegistryEntry, Release, require_accepted_license, sha256_of
+from uniseg_cli.weights.hub import (
+    MODEL_FILES,
+    RegistryEntry,
+    Release,
+    from_registry,
+    require_accepted_license,
+    sha256_of,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +57,6 @@ class Installed:
 def install(entry: RegistryEntry, *, device: torch.device | str = "cpu", progress: bool = True,
             force: bool = False) -> Installed:
     """Fetch a registry model: its Hub copy when there is one, else its release (converted once)."""
-    from uniseg_cli.weights.hub import from_registry
-
     if entry.repo is not None or entry.release is None:  # the Hub, or a bundled folder: nothing to convert
         folder = from_registry(entry).path
         return Installed(entry.name, folder, became_default=entry.path is None and store.set_default_if_unset(entry.name))
