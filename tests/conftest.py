@@ -8,6 +8,7 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 CT = DATA / "example_ct.nii.gz"
+DICOM = DATA / "example_ct_dicom"  # a different CT (20 axial slices, 2 mm apart) as a DICOM series
 
 
 @pytest.fixture(autouse=True)

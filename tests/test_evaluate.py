@@ -124,7 +124,37 @@ def test_cli_folders_json_csv_and_mismatched_grid(run_cli, tmp_path):
 
     _save(tmp_path / "pred/case2.nii.gz", ref2, spacing=(2.0, 1.0, 1.0))
     code, _, err = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref")
-    assert code == 1 and "case2.nii.gz: grid" in err and "does not match the reference" in err
+    assert code == 1 and "case2.nii.gz: not on the reference's grid: it is 24×24×24 voxels at 2×1×1 mm, not" in err
     (tmp_path / "pred/case2.nii.gz").unlink()
     code, _, err = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref")
     assert code == 2 and "no prediction for case 'case2'" in err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ref: ref.astype(np.float32) + 0.5, "13824 voxel(s) are not non-negative integers (e.g. 0.5); "
+     "evaluate takes label maps, not probabilities or intensities"),
+    (lambda ref: np.stack([ref, ref], axis=-1).astype(np.float32), "has 2 channels (a probability map?); "
+     "evaluate takes label maps, one integer value per voxel"),
+])
+def test_float_and_multichannel_predictions_are_refused(run_cli, tmp_path, damage, message):
+    """Cast to integers, reference + 0.5 scored Dice 1.0 and a probability stack scored as a label map."""
+    ref = _cube((24, 24, 24), (2, 3, 4), (10, 10, 10)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(ref, np.eye(4)), tmp_path / "ref.nii.gz")
+    nib.save(nib.Nifti1Image(damage(ref), np.eye(4)), tmp_path / "pred.nii.gz")
+    code, out, err = run_cli("evaluate", tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")
+    assert code == 1 and out == "" and err.strip() == f"Error: {tmp_path / 'pred.nii.gz'}: {message}"
+
+
+def test_predictions_without_a_reference_are_listed_not_dropped(run_cli, tmp_path):
+    ref = _cube((24, 24, 24), (4, 4, 4), (8, 8, 8)).astype(np.uint8)
+    for folder, names in (("ref", ["a"]), ("pred", ["a_kidney", "b_kidney"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            _save(tmp_path / folder / f"{name}.nii.gz", ref)
+    code, out, err = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref", "--json")
+    result = json.loads(out)
+    assert code == 0 and [c["case"] for c in result["cases"]] == ["a"]
+    assert result["unmatched_predictions"] == [str(tmp_path / "pred" / "b_kidney.nii.gz")]
+    assert f"{tmp_path / 'pred' / 'b_kidney.nii.gz'}: no reference for this prediction" in err
+    code, out, _ = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref")
+    assert "1 case(s); NSD tolerance 1 mm; 1 prediction(s) without a reference, not scored" in out

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import CT, SHARED_DATA
+from conftest import CT, DICOM, SHARED_DATA
 
 
 def test_kidney_on_the_real_ct_keeps_the_input_geometry_exactly(run_cli, small_model_dir, tmp_path):
@@ -158,10 +158,8 @@ def test_python_api_segments_files(coarse_model_dir, scan_folder, tmp_path):
     assert [r.output for r in many] == [str(tmp_path / "many" / "a_spleen.nii.gz"), str(tmp_path / "many" / "c_spleen.nii.gz")]
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "ct_abdomen_totalseg" / "example_ct_dicom").is_dir(),
-                    reason="needs ../shared/data/ct_abdomen_totalseg/example_ct_dicom")
 def test_dicom_series_folder(run_cli, coarse_model_dir, tmp_path):
-    series = SHARED_DATA / "ct_abdomen_totalseg" / "example_ct_dicom"
+    series = DICOM
     code, stdout, err = run_cli("predict", series, "-t", "liver", "-m", coarse_model_dir, "-o", tmp_path, "--json",
                                 "--no-tta", "--save-probabilities", "nifti")
     assert code == 0, err

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CT
+from conftest import CT, DICOM
 
 
 def _outputs(folder):
@@ -67,8 +68,81 @@ def test_channels_on_different_grids(run_cli, coarse_model_dir, tmp_path, out):
     nib.save(image.slicer[:, :, 10:], cropped)
     code, _, err = run_cli("predict", f"{CT},{cropped}", "-t", "pet", "-m", coarse_model_dir, "-o", out)
     assert code == 1
-    assert _one_error_line(err) == (f"Error: channels are on different grids: {CT} is 122×101×112 voxels at 3×3×3 mm, "
-                                    f"{cropped} is 122×101×102 voxels at 3×3×3 mm")
+    assert _one_error_line(err) == (f"Error: channels are on different grids: {cropped} is 122×101×102 voxels at "
+                                    f"3×3×3 mm, not 122×101×112 voxels at 3×3×3 mm like {CT}")
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda a: a @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 5], [0, 0, 0, 1]]), "has its origin at"),
+    (lambda a: a @ np.diag([-1, 1, 1, 1]), "has the orientation"),  # the first axis reversed, same origin
+])
+def test_grids_differing_only_in_origin_or_orientation_say_so(run_cli, coarse_model_dir, tmp_path, out, change, words):
+    image = nib.load(CT)
+    moved = tmp_path / "moved.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), change(image.affine)), moved)
+    code, _, err = run_cli("predict", f"{CT},{moved}", "-t", "pet", "-m", coarse_model_dir, "-o", out)
+    line = _one_error_line(err)
+    assert code == 1 and f"{moved} {words}" in line and f"like {CT} (both 122×101×112 voxels at 3×3×3 mm" in line
+    before, _, after = line.partition(", not ")
+    assert before.split(words)[1].strip() != after.split(" like ")[0].strip()  # the two values shown differ
+
+
+def _series_without(tmp_path, *dropped):
+    """The shipped DICOM series copied without the slices at the given positions (in slice order)."""
+    import SimpleITK as sitk
+
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(DICOM))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i, name in enumerate(files):
+        if i not in dropped:
+            shutil.copy(name, folder)
+    return folder, files
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused_unless_allowed(run_cli, coarse_model_dir, tmp_path, out):
+    folder, files = _series_without(tmp_path, 7)
+    code, _, err = run_cli("predict", folder, "-t", "liver", "-m", coarse_model_dir, "-o", out, "--no-tta")
+    line = _one_error_line(err)
+    assert code == 1 and line.startswith(f"Error: {folder}: 1 slice(s) missing: 4 mm between slice positions ")
+    assert "the others are 2 mm apart; pass --allow-gaps" in line and _outputs(out) == []
+    code, _, err = run_cli("-q", "predict", folder, "-t", "liver", "-m", coarse_model_dir, "-o", out, "--no-tta",
+                           "--allow-gaps")
+    assert code == 0 and "segmenting it anyway (--allow-gaps)" in err and _outputs(out) == ["series_liver.nii.gz"]
+
+
+def test_itk_warnings_never_reach_the_terminal(tmp_path, capfd):
+    from uniseg_cli.io.images import read_image
+
+    folder, _ = _series_without(tmp_path, 7)
+    data, geometry = read_image(folder, allow_gaps=True)
+    assert data.shape == (1, 19, 512, 512)
+    assert "ImageSeriesReader" not in capfd.readouterr().err  # ITK writes to the process's stderr itself
+
+
+def test_an_unreadable_dicom_slice_is_named(run_cli, coarse_model_dir, tmp_path, out):
+    folder, files = _series_without(tmp_path)
+    broken = folder / Path(files[5]).name
+    broken.write_bytes(broken.read_bytes()[:200])
+    code, _, err = run_cli("predict", folder, "-t", "liver", "-m", coarse_model_dir, "-o", out)
+    line = _one_error_line(err)
+    assert code == 1 and "1 slice(s) missing" in line and f"e.g. {broken.name}, are not readable" in line
+
+
+def test_dicom_series_checks_name_duplicates_uneven_steps_and_mixed_orientations():
+    from uniseg_cli.io.images import series_problem
+
+    axial = "1\\0\\0\\0\\1\\0"
+    def series(zs, orientations=None):
+        return [(f"s{i}.dcm", f"0\\0\\{z}", (orientations or {}).get(i, axial)) for i, z in enumerate(zs)]
+    assert series_problem(series([0, 2, 4, 6])) is None
+    assert series_problem(series([0, 2, 4.005, 6])) is None  # rounding in the header
+    assert series_problem(series([0, 2, 2, 4])) == "two slices at the same position 2 mm (s1.dcm, s2.dcm)"
+    assert series_problem(series([0, 2, 5, 7, 9])).startswith("uneven slice spacing: 3 mm between slice positions 2 and 5")
+    assert series_problem(series([0, 2, 4, 6], {2: "1\\0\\0\\0\\0.9\\0.43589"})) == \
+        "mixed slice orientations (s0.dcm and s2.dcm differ)"
+    tilted = [(f"s{i}.dcm", f"0\\{0.5 * i}\\{2 * i}", axial) for i in range(4)]
+    assert series_problem(tilted).startswith("slices shifted within their plane by up to 1.5 mm")
 
 
 def test_unknown_task_is_a_usage_error(run_cli, coarse_model_dir, out):

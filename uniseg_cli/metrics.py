@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.io.images import IMAGE_ENDINGS, read_image, strip_ending
+from uniseg_cli.io.images import IMAGE_ENDINGS, Geometry, read_image, strip_ending
+
+log = logging.getLogger(__name__)
 
 METRICS = ("dice", "hd95", "nsd")
 
@@ -82,13 +85,28 @@ def score_label(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence
 
 def evaluate_case(prediction: Path, reference: Path, *, labels: Sequence[int] | None, tolerance: float) -> CaseScores:
     """Score one prediction file against its reference on the same grid."""
-    pred, pred_geometry = read_image(prediction)
-    ref, ref_geometry = read_image(reference)
+    pred, pred_geometry = read_label_map(prediction)
+    ref, ref_geometry = read_label_map(reference)
     if not pred_geometry.same_grid(ref_geometry):
-        raise UnisegError(f"{prediction}: grid {pred_geometry.describe()} does not match the reference {reference} "
-                          f"({ref_geometry.describe()})")
-    return score_arrays(_case_name(reference), str(prediction), str(reference), pred[0].astype(np.int64),
-                        ref[0].astype(np.int64), pred_geometry.spacing, labels, tolerance)
+        raise UnisegError(f"{prediction}: not on the reference's grid: it {pred_geometry.difference(ref_geometry, str(reference))}")
+    return score_arrays(_case_name(reference), str(prediction), str(reference), pred, ref, pred_geometry.spacing,
+                        labels, tolerance)
+
+
+def read_label_map(path: Path) -> tuple[np.ndarray, Geometry]:
+    """A label map as ``(z, y, x)`` int64, refusing what is not one: scoring a probability map (4-D) or a
+    float map (0.5 would be cast to 0 and score as a perfect match) would give a plausible wrong number."""
+    data, geometry = read_image(path, nan_to_zero=False)
+    if data.shape[0] != 1:
+        raise UnisegError(f"{path}: has {data.shape[0]} channels (a probability map?); evaluate takes label maps, "
+                          "one integer value per voxel")
+    values = data[0]
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (values < 0)
+    if bad.any():
+        example = values[bad].flat[0]
+        raise UnisegError(f"{path}: {int(bad.sum())} voxel(s) are not non-negative integers (e.g. {example:g}); "
+                          "evaluate takes label maps, not probabilities or intensities")
+    return values.astype(np.int64), geometry
 
 
 def score_arrays(case: str, prediction_name: str, reference_name: str, prediction: np.ndarray, reference: np.ndarray,
@@ -105,11 +123,11 @@ def _case_name(path: Path) -> str:
     return Path(strip_ending(path)).name
 
 
-def pair_files(prediction: Path, reference: Path) -> list[tuple[Path, Path]]:
-    """File pairs: two files, or two folders matched by case name (a prediction named ``CASE_<task>``
-    also matches ``CASE``, as ``uniseg predict`` names its outputs)."""
+def pair_files(prediction: Path, reference: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """File pairs, and the predictions no reference matched: two files, or two folders matched by case
+    name (a prediction named ``CASE_<task>`` also matches ``CASE``, as ``uniseg predict`` names its outputs)."""
     if prediction.is_file() and reference.is_file():
-        return [(prediction, reference)]
+        return [(prediction, reference)], []
     if not (prediction.is_dir() and reference.is_dir()):
         for path in (prediction, reference):
             if not path.exists():
@@ -132,7 +150,8 @@ def pair_files(prediction: Path, reference: Path) -> list[tuple[Path, Path]]:
         if match is None:
             raise UsageError(f"{prediction}: no prediction for case {case!r} (expected {case}.nii.gz or {case}_<task>.nii.gz)")
         pairs.append((match, ref_path))
-    return pairs
+    matched = {p for p, _ in pairs}
+    return pairs, [p for p in predictions.values() if p not in matched]
 
 
 def summarise(cases: Sequence[CaseScores]) -> dict[str, dict[str, dict[str, float | int | None]]]:
@@ -157,16 +176,22 @@ def evaluate(prediction: str | Path, reference: str | Path, *, labels: Sequence[
     """Every case and the summary, as the JSON ``uniseg evaluate --json`` prints."""
     if not tolerance > 0:
         raise UsageError(f"--tolerance must be positive (mm), got {tolerance}")
-    pairs = pair_files(Path(prediction), Path(reference))
-    return report([evaluate_case(p, r, labels=labels, tolerance=tolerance) for p, r in pairs], tolerance)
+    pairs, unmatched = pair_files(Path(prediction), Path(reference))
+    for path in unmatched:
+        log.warning("%s: no reference for this prediction in %s; not scored", path, reference)
+    return report([evaluate_case(p, r, labels=labels, tolerance=tolerance) for p, r in pairs], tolerance,
+                  unmatched=unmatched)
 
 
-def report(cases: Sequence[CaseScores], tolerance: float) -> dict[str, Any]:
+def report(cases: Sequence[CaseScores], tolerance: float, *, unmatched: Sequence[Path] = ()) -> dict[str, Any]:
+    """The JSON of ``uniseg evaluate``; ``unmatched_predictions`` lists what was not scored, so that a
+    summary over fewer cases than predicted is visible as such."""
     return {
         "tolerance_mm": tolerance,
         "cases": [{"case": c.case, "prediction": c.prediction, "reference": c.reference,
                    "labels": {str(s.label): _label_json(s) for s in c.labels}} for c in cases],
         "summary": summarise(cases),
+        "unmatched_predictions": [str(p) for p in unmatched],
     }
 
 

@@ -44,7 +44,9 @@ def evaluate(
     if as_json:
         print(json.dumps(result))
         return
-    print(f"{len(result['cases'])} case(s); NSD tolerance {tolerance:g} mm")
+    unmatched = len(result["unmatched_predictions"])
+    print(f"{len(result['cases'])} case(s); NSD tolerance {tolerance:g} mm"
+          + (f"; {unmatched} prediction(s) without a reference, not scored" if unmatched else ""))
     print(f"{'label':>6} " + " ".join(f"{m + ' mean':>11} {m + ' std':>10} {'n':>3}" for m in METRICS))
     for label, metrics in result["summary"].items():
         cells = []

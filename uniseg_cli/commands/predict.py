@@ -27,6 +27,7 @@ def predict(
     save_probabilities: Optional[str] = typer.Option(None, "--save-probabilities", metavar="npz|nifti", help="Also write the task-class probabilities beside the label map: npz (float16) or nifti (float32)."),
     modality: Optional[str] = typer.Option(None, "--modality", help="With --task all on one-channel scans: CT or MR (default: CT if the scan has values below -500)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE", help="Refuse a case whose arrays (input, probability accumulators, label maps) would need more than SIZE (e.g. 4G), and resample the export in slabs that fit; the network's per-tile memory is not counted."),
+    allow_gaps: bool = typer.Option(False, "--allow-gaps", help="Segment DICOM series with missing or unevenly spaced slices anyway, on an evenly spaced grid (labels beyond a gap are then shifted; refused by default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per case on stdout."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case starting at I (sorted by case name), to split a batch across jobs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip cases whose output exists (resume an interrupted batch)."),
@@ -72,7 +73,7 @@ def predict(
         window=WindowOptions(step=step, mirror=tta, batch_size=batch_size, precision=precision),
         probabilities=save_probabilities, modality=modality, shard=shard, skip_existing=skip_existing,
         emit=(lambda result: print(json.dumps(result.to_json()), flush=True)) if as_json else None,
-        progress=not quiet, max_memory=None if max_memory is None else parse_size(max_memory),
+        progress=not quiet, max_memory=None if max_memory is None else parse_size(max_memory), allow_gaps=allow_gaps,
     )
     if failures:
         raise typer.Exit(1)

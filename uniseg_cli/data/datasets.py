@@ -237,8 +237,7 @@ def check_case(case: TrainingCase, dataset: Dataset) -> CaseCheck:
         raise DatasetError(f"{case.channels[0]}: {data.shape[0]} channel(s), the dataset declares "
                            f"{len(dataset.channel_names)} ({', '.join(dataset.channel_names)})")
     if not geometry.same_grid(label_geometry):
-        raise DatasetError(f"{case.label}: label grid {label_geometry.describe()} does not match the image "
-                           f"grid {geometry.describe()}")
+        raise DatasetError(f"{case.label}: not on its image's grid: it {label_geometry.difference(geometry, str(case.channels[0]))}")
     if np.isnan(data).any():
         raise DatasetError(f"{case.channels[0]}: contains NaN values")
     if np.isnan(label).any() or not np.array_equal(label, np.round(label)) or label.min() < 0:

@@ -26,7 +26,7 @@ CASE_ERRORS = (Exception,)
 def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, model: str | None, output: Path | None,
               device: str, window: WindowOptions, probabilities: str | None, modality: str | None,
               shard: str | None, skip_existing: bool, emit: Callable[[CaseResult], None] | None,
-              progress: bool, max_memory: int | None = None) -> int:
+              progress: bool, max_memory: int | None = None, allow_gaps: bool = False) -> int:
     """Segment every case; returns the number of failed cases (each reported on stderr and to ``emit``)."""
     every = collect_cases(arguments, stdin)
     if not every:
@@ -46,7 +46,8 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key,
              segmenter.model_name + (" (default)" if model is None else ""),
              segmenter.device, options.precision, "on" if options.mirror else "off", options.step)
-    pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, emit=emit)
+    pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, allow_gaps=allow_gaps,
+                         emit=emit)
     with _Progress(enabled=on_terminal(progress)) as bar, pipeline:
         skipped = {case.name for case, target in plan if skip_existing and target.exists()}
         todo = [(case, target) for case, target in plan if case.name not in skipped]
@@ -78,9 +79,9 @@ class _Pipeline:
     """
 
     def __init__(self, segmenter: Segmenter, key: str, *, probabilities: str | None, modality: str | None,
-                 emit: Callable[[CaseResult], None] | None) -> None:
+                 allow_gaps: bool, emit: Callable[[CaseResult], None] | None) -> None:
         self.segmenter, self.key = segmenter, key
-        self.probabilities, self.modality, self.emit = probabilities, modality, emit
+        self.probabilities, self.modality, self.allow_gaps, self.emit = probabilities, modality, allow_gaps, emit
         self.failures = 0
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="uniseg-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="uniseg-write")
@@ -104,7 +105,8 @@ class _Pipeline:
         if item is not None:
             case, target = item
             self._prefetched[case.name] = self._reader.submit(
-                self.segmenter.prepare_case, case, self.key, target, modality=self.modality)
+                self.segmenter.prepare_case, case, self.key, target, modality=self.modality,
+                allow_gaps=self.allow_gaps)
 
     def take(self, case: Case) -> PreparedCase | None:
         try:

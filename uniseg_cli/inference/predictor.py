@@ -282,18 +282,21 @@ class Segmenter:
                 for c in cases]
 
     def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
-                     modality: str | None = None, on_progress: Callable[[int, int], None] | None = None) -> CaseResult:
+                     modality: str | None = None, allow_gaps: bool = False,
+                     on_progress: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
         refuse_overwriting_inputs(case, output)
-        prepared = self.prepare_case(case, task, output, modality=modality)
+        prepared = self.prepare_case(case, task, output, modality=modality, allow_gaps=allow_gaps)
         prediction = self.run(prepared.inputs, probabilities=probabilities is not None, on_progress=on_progress)
         return self.write_case(prepared, prediction, probabilities=probabilities)
 
-    def prepare_case(self, case: Case, task: str, output: Path, *, modality: str | None = None) -> PreparedCase:
+    def prepare_case(self, case: Case, task: str, output: Path, *, modality: str | None = None,
+                     allow_gaps: bool = False) -> PreparedCase:
         """Read and pre-process one case (no network): what the batch runner prefetches in a thread.
-        Callers have refused outputs that would overwrite an input (the batch, all of them up front)."""
+        Callers have refused outputs that would overwrite an input (the batch, all of them up front).
+        ``allow_gaps`` accepts DICOM series with missing or unevenly spaced slices."""
         start = time.perf_counter()
-        data, geometry = read_channels(case.channels)
+        data, geometry = read_channels(case.channels, allow_gaps=allow_gaps)
         inputs = self.prepare_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
                                     source=str(case.channels[0]), modality=modality)
         return PreparedCase(case, inputs.key, output, geometry, inputs, start)

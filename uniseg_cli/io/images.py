@@ -62,6 +62,17 @@ class Geometry:
                 and np.allclose(self.origin, other.origin, atol=1e-3)
                 and np.allclose(self.direction, other.direction, atol=1e-4))
 
+    def difference(self, other: Geometry, other_name: str) -> str:
+        """What differs from ``other``'s grid, as "is …, not … like NAME" (grids that differ only in
+        origin or orientation would otherwise be described with identical words)."""
+        if self.shape != other.shape or not np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=1e-5):
+            return f"is {self.describe()}, not {other.describe()} like {other_name}"
+        if not np.allclose(self.origin, other.origin, atol=1e-3):
+            return (f"has its origin at {_point(self.origin)} mm, not {_point(other.origin)} mm like {other_name} "
+                    f"(both {self.describe()})")
+        return (f"has the orientation {_axes(self.direction)}, not {_axes(other.direction)} like {other_name} "
+                f"(both {self.describe()}, same origin)")
+
     def describe(self) -> str:
         shape = "×".join(map(str, self.shape[::-1]))
         spacing = "×".join(f"{s:g}" for s in self.spacing[::-1])
@@ -74,17 +85,31 @@ class Geometry:
         return tuple(int(np.argmax(np.abs(d[:, 2 - a]))) for a in range(3))  # type: ignore[return-value]
 
 
-def read_image(path: str | Path, *, nan_to_zero: bool = True) -> tuple[np.ndarray, Geometry]:
+def _point(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _axes(direction: Sequence[float]) -> str:
+    """Direction cosines as the columns of the matrix (index axes i, j, k), LPS."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    return " ".join(f"{axis}={_point(d[:, c])}" for c, axis in enumerate("ijk"))
+
+
+def read_image(path: str | Path, *, nan_to_zero: bool = True,
+               allow_gaps: bool = False) -> tuple[np.ndarray, Geometry]:
     """One scan file or DICOM series folder as a float32 ``(channels, z, y, x)`` array and its geometry.
 
     NaN becomes 0 (docs/pipeline.md §3) unless ``nan_to_zero`` is off (the training-data check refuses NaN).
+    A DICOM series with missing slices, uneven spacing or mixed orientations is refused unless
+    ``allow_gaps`` (then read on ITK's evenly spaced grid, with a warning).
     """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
+    _quiet_itk()
     try:
         if path.is_dir():
-            data, geometry = _read_dicom_series(path)
+            data, geometry = _read_dicom_series(path, allow_gaps=allow_gaps)
         elif image_ending(path) in NIFTI_ENDINGS:
             data, geometry = _read_nifti(path)
         elif image_ending(path) in SITK_ENDINGS:
@@ -125,16 +150,14 @@ def check_geometry(path: Path, geometry: Geometry) -> None:
         raise ImageError(f"{path}: its orientation matrix is singular (axes do not span 3-D space)")
 
 
-def read_channels(paths: Sequence[str | Path], *, nan_to_zero: bool = True) -> tuple[np.ndarray, Geometry]:
+def read_channels(paths: Sequence[str | Path], *, nan_to_zero: bool = True,
+                  allow_gaps: bool = False) -> tuple[np.ndarray, Geometry]:
     """The channels of one case, checked to share one grid; a 4-D NIfTI counts as its channels."""
     arrays, geometries = [], []
     for path in paths:
-        data, geometry = read_image(path, nan_to_zero=nan_to_zero)
+        data, geometry = read_image(path, nan_to_zero=nan_to_zero, allow_gaps=allow_gaps)
         if geometries and not geometry.same_grid(geometries[0]):
-            raise ImageError(
-                f"channels are on different grids: {paths[0]} is {geometries[0].describe()}, "
-                f"{path} is {geometry.describe()}"
-            )
+            raise ImageError(f"channels are on different grids: {path} {geometry.difference(geometries[0], str(paths[0]))}")
         arrays.append(data)
         geometries.append(geometry)
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)), geometries[0]
@@ -200,6 +223,14 @@ def _sitk_array(path: Path, image: Any) -> np.ndarray:
     return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)[None]
 
 
+def _quiet_itk() -> None:
+    """ITK prints warnings straight to the terminal, past ``-q`` and our one-line errors; the readers
+    check what those warnings are about themselves (uneven DICOM slices above all)."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
 def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
@@ -207,7 +238,7 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     return _sitk_array(path, image), _sitk_geometry(path, image)
 
 
-def _read_dicom_series(path: Path) -> tuple[np.ndarray, Geometry]:
+def _read_dicom_series(path: Path, *, allow_gaps: bool) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -216,9 +247,78 @@ def _read_dicom_series(path: Path) -> tuple[np.ndarray, Geometry]:
     if len(series) > 1:
         raise ImageError(f"{path}: folder holds {len(series)} DICOM series; give one series per folder")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position and orientation, read in the same pass
     image = reader.Execute()
+    slices = [(files[i], reader.GetMetaData(i, _POSITION) if reader.HasMetaDataKey(i, _POSITION) else "",
+               reader.GetMetaData(i, _ORIENTATION) if reader.HasMetaDataKey(i, _ORIENTATION) else "")
+              for i in range(len(files))]
+    problem = series_problem(slices)
+    if problem is not None:
+        others = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".") and str(f) not in set(files)]
+        if others:
+            problem += f" ({len(others)} other file(s) in the folder, e.g. {others[0].name}, are not readable as this series)"
+        if not allow_gaps:
+            raise ImageError(f"{path}: {problem}; pass --allow-gaps to segment it on an evenly spaced grid anyway")
+        log.warning("%s: %s; segmenting it anyway (--allow-gaps) on an evenly spaced grid of %g mm", path, problem,
+                    image.GetSpacing()[2])
     return _sitk_array(path, image), _sitk_geometry(path, image)
+
+
+_POSITION, _ORIENTATION = "0020|0032", "0020|0037"  # Image Position / Orientation (Patient)
+#: Slice positions may differ from even spacing by this share of the spacing (scanners round to 0.01 mm).
+SLICE_SPACING_TOLERANCE = 0.01
+
+
+def series_problem(slices: Sequence[tuple[str, str, str]]) -> str | None:
+    """Why a DICOM series is not a regular 3-D grid, or None: ``slices`` are (file, Image Position
+    (Patient), Image Orientation (Patient)) in the reader's order.
+
+    ITK stacks slices at their mean distance whatever the gaps (with a warning on the terminal): a
+    missing slice would shift every label beyond it, so the gap is named here instead.
+    """
+    if len(slices) < 2:
+        return None
+    try:
+        positions = np.array([[float(v) for v in p.split("\\")] for _, p, _ in slices])
+        orientations = np.array([[float(v) for v in o.split("\\")] for _, _, o in slices])
+    except ValueError:
+        return "slices without a readable Image Position or Orientation (Patient)"
+    if positions.shape[1:] != (3,) or orientations.shape[1:] != (6,):
+        return "slices without a readable Image Position or Orientation (Patient)"
+    names = [Path(f).name for f, _, _ in slices]
+    mixed = np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > 1e-4)
+    if mixed.size:
+        return f"mixed slice orientations ({names[0]} and {names[mixed[0]]} differ)"
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    along = positions @ normal
+    order = np.argsort(along)
+    along, positions = along[order], positions[order]
+    names = [names[i] for i in order]
+    steps = np.diff(along)
+    step = float(np.median(steps))
+    if step < 1e-3:
+        return f"{len(slices) - len(set(np.round(along, 3)))} slice(s) at duplicate positions"
+    duplicate = np.flatnonzero(steps < 1e-3)
+    if duplicate.size:
+        i = duplicate[0]
+        return f"two slices at the same position {along[i]:g} mm ({names[i]}, {names[i + 1]})"
+    uneven = np.flatnonzero(np.abs(steps - step) > SLICE_SPACING_TOLERANCE * step + 1e-3)
+    if uneven.size:
+        i = uneven[0]
+        ratio = steps[i] / step
+        whole = abs(ratio - round(ratio)) < 0.1 and round(ratio) >= 2  # a multiple of the spacing: slices lost
+        what = f"{round(ratio) - 1} slice(s) missing" if whole else "uneven slice spacing"
+        more = f", and {uneven.size - 1} more uneven step(s)" if uneven.size > 1 else ""
+        return (f"{what}: {steps[i]:g} mm between slice positions {along[i]:g} and {along[i + 1]:g} mm along the "
+                f"slice normal ({names[i]}, {names[i + 1]}), the others are {step:g} mm apart{more}")
+    offsets = positions - positions[0]
+    sideways = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    if sideways.max() > SLICE_SPACING_TOLERANCE * step + 1e-3:
+        return (f"slices shifted within their plane by up to {sideways.max():.3g} mm (a tilted gantry?): "
+                "they do not stack into a grid")
+    return None
 
 
 def is_dicom_folder(path: Path) -> bool:
