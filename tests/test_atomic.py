@@ -31,3 +31,39 @@ def test_a_successful_replacement_leaves_only_the_new_folder(tmp_path):
         (tmp / "config.json").write_text("new")
     assert (dest / "config.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_outputs_of_one_case_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_files() as outputs:
+            outputs.add(tmp_path / "labels.nii.gz").write_text("labels")
+            outputs.add(tmp_path / "probabilities.npz").write_text("half")
+            raise RuntimeError("the second writer failed")
+    assert list(tmp_path.iterdir()) == []
+
+    real = atomic.publish
+    def full_disk_on_the_second(tmp, dest, *, folder=False):
+        if dest.name == "labels.nii.gz":   # published last, after the probabilities
+            raise OSError(28, "No space left on device")
+        real(tmp, dest, folder=folder)
+
+    monkeypatch.setattr(atomic, "publish", full_disk_on_the_second)
+    with pytest.raises(atomic.UnisegError, match=r"labels.nii.gz: cannot write \(No space left on device\)$"):
+        with atomic.atomic_files() as outputs:
+            outputs.add(tmp_path / "labels.nii.gz").write_text("labels")
+            outputs.add(tmp_path / "probabilities.npz").write_text("probabilities")
+    assert list(tmp_path.iterdir()) == []      # the probabilities already moved into place were removed again
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_write_of_the_same_output(tmp_path):
+    leftovers = [tmp_path / ".k.nii.gz.x1y2.partial.nii.gz", tmp_path / ".model.abc.partial"]
+    leftovers[0].write_text("half")
+    leftovers[1].mkdir()
+    (leftovers[1] / "config.json").write_text("{")
+    other_job = tmp_path / ".other.nii.gz.q9.partial.nii.gz"    # another shard's output, in progress
+    other_job.write_text("in progress")
+    with atomic.atomic_file(tmp_path / "k.nii.gz", suffix=".nii.gz") as tmp:
+        tmp.write_text("whole")
+    with atomic.atomic_directory(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.nii.gz.q9.partial.nii.gz", "k.nii.gz", "model"]

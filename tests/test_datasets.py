@@ -151,12 +151,33 @@ def test_missing_image(run_cli, kidney_dataset, tmp_path):
     assert "imagesTr/ct2_0000.nii.gz: missing (case ct2)" in line
 
 
+def test_an_image_without_its_label_or_a_wrong_case_count_stops_before_any_work(run_cli, kidney_dataset, tmp_path,
+                                                                               monkeypatch):
+    """Cases are listed from labelsTr: a lost label file used to drop its image silently (exit 0)."""
+    from uniseg_cli.data import datasets
+
+    read = []
+    monkeypatch.setattr(datasets, "read_channels", lambda *a, **k: read.append(a) or pytest.fail("read a file"))
+    root = _copy(kidney_dataset, tmp_path)
+    (root / "labelsTr/ct1.nii.gz").unlink()
+    line = _one_error(run_cli, "-d", str(root), "-o", tmp_path / "prep")
+    assert line == (f"Error: {root / 'imagesTr/ct1_0000.nii.gz'}: no label file {root / 'labelsTr/ct1.nii.gz'} "
+                    "(case ct1)")
+    (root / "imagesTr/ct1_0000.nii.gz").unlink()   # a consistent dataset of two cases, but numTraining says 3
+    assert _one_error(run_cli, "-d", str(root), "-o", tmp_path / "prep") == (
+        f"Error: {root / 'dataset.json'}: numTraining is 3, but the dataset holds 2 labelled case(s)")
+    shutil.copy(root / "imagesTr/ct0_0000.nii.gz", root / "imagesTr/ct0_0001.nii.gz")
+    assert _one_error(run_cli, "-d", str(root), "-o", tmp_path / "prep") == (
+        f"Error: {root / 'imagesTr/ct0_0001.nii.gz'}: channel 0001, but dataset.json declares 1 channel(s)")
+    assert read == [] and not (tmp_path / "prep").exists()
+
+
 def test_label_grid_mismatch(run_cli, kidney_dataset, tmp_path):
     root = _copy(kidney_dataset, tmp_path)
     label = nib.load(root / "labelsTr/ct0.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :50], label.affine), root / "labelsTr/ct0.nii.gz")
     line = _one_error(run_cli, "-d", str(root), "-o", tmp_path / "prep")
-    assert "labelsTr/ct0.nii.gz: label grid" in line and "does not match the image grid" in line
+    assert "labelsTr/ct0.nii.gz: not on its image's grid: it is 122×101×50 voxels at 3×3×3 mm, not " in line
 
 
 def test_nan_and_unreadable_and_channel_count(run_cli, kidney_dataset, tmp_path):

@@ -305,3 +305,32 @@ def test_a_model_with_non_finite_weights_is_refused_at_load(run_cli, small_model
     assert code == 1 and out == "" and not (tmp_path / "s.nii.gz").exists()
     assert err.strip() == (f"Error: {broken / 'model.safetensors'}: 1 tensor(s) hold NaN or infinite values "
                            "(seg_outputs.4.weight); the weights are corrupt")
+
+
+def test_a_case_whose_probabilities_fail_leaves_no_label_map_and_is_redone(run_cli, coarse_model_dir, out,
+                                                                           monkeypatch):
+    """A label map left beside failed probabilities made --skip-existing skip the case forever."""
+    from uniseg_cli.inference import predictor
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    args = ("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", out, "--no-tta", "--save-probabilities",
+            "npz", "--skip-existing")
+    with monkeypatch.context() as patched:
+        patched.setattr(predictor.np, "savez_compressed", full_disk)
+        code, _, err = run_cli(*args)
+    assert code == 1 and _one_error_line(err).endswith("example_ct_spleen_probabilities.npz: cannot write "
+                                                       "(No space left on device)")
+    assert [p.name for p in out.iterdir()] == []
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert _outputs(out) == ["example_ct_spleen.nii.gz", "example_ct_spleen_probabilities.npz"]
+
+
+def test_the_next_run_removes_a_killed_runs_temporary_files(run_cli, coarse_model_dir, out):
+    leftover = out / ".example_ct_spleen.nii.gz.k2j4.partial.nii.gz"
+    leftover.write_bytes(b"half a label map")
+    code, _, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", out, "--no-tta")
+    assert code == 0, err
+    assert [p.name for p in out.iterdir()] == ["example_ct_spleen.nii.gz"]

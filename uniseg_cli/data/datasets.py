@@ -72,11 +72,26 @@ def read_dataset(root: str | Path) -> Dataset:
     if not isinstance(meta, dict):
         raise DatasetError(f"{meta_path}: expected a JSON object")
     if "training" in meta and "modality" in meta:
-        return _read_msd(root, meta, meta_path)
-    if "channel_names" in meta and "file_ending" in meta:
-        return _read_nnunet(root, meta, meta_path)
-    raise DatasetError(f"{meta_path}: neither nnU-Net v2 (channel_names, labels, file_ending) "
-                       "nor MSD (modality, labels, training) format")
+        dataset = _read_msd(root, meta, meta_path)
+    elif "channel_names" in meta and "file_ending" in meta:
+        dataset = _read_nnunet(root, meta, meta_path)
+    else:
+        raise DatasetError(f"{meta_path}: neither nnU-Net v2 (channel_names, labels, file_ending) "
+                           "nor MSD (modality, labels, training) format")
+    _check_files_listed(dataset, meta.get("numTraining"), meta_path)
+    return dataset
+
+
+def _check_files_listed(dataset: Dataset, declared: Any, where: Path) -> None:
+    """Every file of every case exists and the case count is ``numTraining``: a dataset that lost files
+    must stop here, before hours of pre-processing, not train quietly on fewer cases."""
+    for case in dataset.cases:
+        for path in (*case.channels, case.label):
+            if not path.is_file():
+                raise DatasetError(f"{path}: missing (case {case.name})")
+    if declared is not None and declared != len(dataset.cases):
+        raise DatasetError(f"{where}: numTraining is {declared}, but the dataset holds {len(dataset.cases)} "
+                           "labelled case(s)")
 
 
 def _channel_names(raw: Any, where: Path, key: str) -> tuple[str, ...]:
@@ -126,7 +141,26 @@ def _read_nnunet(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
                                   label))
     if not cases:
         raise DatasetError(f"{label_dir}: no label files ending in {ending}")
+    _check_images_labelled(images, ending, {c.name for c in cases}, len(channels), label_dir)
     return Dataset(root, "nnU-Net v2", channels, labels, tuple(cases))
+
+
+def _check_images_labelled(images: Path, ending: str, labelled: set[str], channels: int, label_dir: Path) -> None:
+    """Every image of ``imagesTr`` is a channel ``CASE_XXXX`` of a labelled case (cases are listed from
+    the label files, so an image whose label file is lost would otherwise be dropped without a word)."""
+    if not images.is_dir():
+        raise DatasetError(f"{images}: missing")
+    for image in sorted(images.glob(f"*{ending}")):
+        if image.name.startswith("."):
+            continue
+        stem = image.name[: -len(ending)]
+        name, _, index = stem.rpartition("_")
+        if not (len(index) == 4 and index.isdigit() and name):
+            raise DatasetError(f"{image}: not named CASE_XXXX{ending} (nnU-Net's channel naming)")
+        if int(index) >= channels:
+            raise DatasetError(f"{image}: channel {index}, but {DATASET_JSON} declares {channels} channel(s)")
+        if name not in labelled:
+            raise DatasetError(f"{image}: no label file {label_dir / (name + ending)} (case {name})")
 
 
 def _read_msd(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
@@ -224,10 +258,8 @@ class CaseCheck:
 
 
 def check_case(case: TrainingCase, dataset: Dataset) -> CaseCheck:
-    """Read every file of one case and refuse what training could not use, with a one-line reason."""
-    for path in (*case.channels, case.label):
-        if not path.exists():
-            raise DatasetError(f"{path}: missing (case {case.name})")
+    """Read every file of one case and refuse what training could not use, with a one-line reason
+    (``read_dataset`` has checked that the files exist)."""
     try:
         data, geometry = read_channels(case.channels, nan_to_zero=False)
         label, label_geometry = read_image(case.label, nan_to_zero=False)

@@ -23,7 +23,7 @@ from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.inference.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
 from uniseg_cli.inference.runtime import resolve_precision
 from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
-from uniseg_cli.io.atomic import atomic_file, make_folder
+from uniseg_cli.io.atomic import AtomicFiles, atomic_files, make_folder
 from uniseg_cli.io.images import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
@@ -303,14 +303,19 @@ class Segmenter:
 
     def write_case(self, prepared: PreparedCase, prediction: Prediction, *,
                    probabilities: str | None = None) -> CaseResult:
-        """Write the label map (and probabilities) on the input's grid; the record ``--json`` prints."""
+        """Write the label map (and probabilities) on the input's grid; the record ``--json`` prints.
+
+        All outputs of the case appear together or not at all: a label map left beside failed
+        probabilities would make ``--skip-existing`` take the case for done.
+        """
         output, geometry, case = prepared.output, prepared.geometry, prepared.case
         make_folder(output.parent)
-        write_array(output, prediction.labels, geometry)
         probability_path = None
-        if probabilities is not None:
-            probability_path = _probability_path(output, probabilities)
-            _write_probabilities(probability_path, prediction, geometry, probabilities)
+        with atomic_files() as outputs:
+            write_array(output, prediction.labels, geometry, into=outputs)
+            if probabilities is not None:
+                probability_path = _probability_path(output, probabilities)
+                _write_probabilities(probability_path, prediction, geometry, probabilities, into=outputs)
         return CaseResult.of(
             case, prepared.key, output=str(output), labels=label_statistics(prediction, geometry),
             seconds=round(time.perf_counter() - prepared.started, 3), device=str(self.device),
@@ -363,14 +368,14 @@ def _probability_path(output: Path, fmt: str) -> Path:
     return output.with_name(f"{stem}_probabilities" + (".npz" if fmt == "npz" else ".nii.gz"))
 
 
-def _write_probabilities(path: Path, prediction: Prediction, geometry: Geometry, fmt: str) -> None:
+def _write_probabilities(path: Path, prediction: Prediction, geometry: Geometry, fmt: str, *,
+                         into: AtomicFiles) -> None:
     """float16 ``.npz`` (one array per task key, classes first) or float32 NIfTI (NIfTI has no float16)."""
     if fmt == "npz":
-        with atomic_file(path, suffix=".npz") as tmp:
-            np.savez_compressed(tmp, **prediction.probabilities)
+        np.savez_compressed(into.add(path, suffix=".npz"), **prediction.probabilities)
         return
     stacked = np.concatenate(list(prediction.probabilities.values())).astype(np.float32)
-    write_array(path, stacked, geometry)
+    write_array(path, stacked, geometry, into=into)
 
 
 def label_statistics(prediction: Prediction, geometry: Geometry) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -32,28 +33,87 @@ def publish(tmp: str | Path, dest: str | Path, *, folder: bool = False) -> None:
     os.replace(tmp, dest)
 
 
+def remove_leftovers(dest: str | Path) -> None:
+    """Remove the hidden temporary siblings of ``dest`` (``.NAME.*.partial*``) that a killed run left.
+
+    Only ``dest``'s own: jobs of a sharded batch write other outputs into the same folder at the same time.
+    """
+    dest = Path(dest)
+    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.*.partial*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+class AtomicFiles:
+    """Temporary siblings of several outputs that appear together or not at all (see ``atomic_files``)."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+        self._publishing: Path | None = None
+
+    def add(self, dest: str | Path, *, suffix: str = "") -> Path:
+        """A temporary path to write ``dest`` to; ``suffix`` keeps the ending writers choose their format by."""
+        dest = Path(dest)
+        remove_leftovers(dest)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".partial{suffix}", dir=dest.parent)
+        except OSError as exc:
+            raise UnisegError(f"{dest}: cannot write here ({exc.strerror or exc})") from None
+        os.close(fd)
+        self._pending.append((Path(name), dest))
+        return Path(name)
+
+    def _dest_of(self, exc: OSError) -> Path:
+        named = {str(tmp): dest for tmp, dest in self._pending}
+        return named.get(str(exc.filename), self._publishing or self._pending[-1][1])
+
+    def _publish(self) -> None:
+        """Last added first, so that the first output (the one ``--skip-existing`` looks at) appears last;
+        if one cannot be moved into place, those already moved are removed again."""
+        published: list[Path] = []
+        try:
+            for tmp, dest in reversed(self._pending):
+                self._publishing = dest
+                publish(tmp, dest)
+                published.append(dest)
+        except BaseException:
+            for dest in published:
+                dest.unlink(missing_ok=True)
+            raise
+
+    def _discard(self) -> None:
+        for tmp, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[AtomicFiles]:
+    """Outputs of one unit of work (a case's label map, probabilities, sidecars): written to temporary
+    names and moved into place together when the block succeeds; on any failure none of them is left."""
+    outputs = AtomicFiles()
+    try:
+        yield outputs
+        outputs._publish()
+    except OSError as exc:  # full disk, quota: name the output, not the temporary file
+        outputs._discard()
+        if not outputs._pending:
+            raise
+        raise UnisegError(f"{outputs._dest_of(exc)}: cannot write ({exc.strerror or exc})") from exc
+    except BaseException:
+        outputs._discard()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_file(dest: str | Path, *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary sibling path to write; it becomes ``dest`` only if the block succeeds.
 
     ``suffix`` keeps the ending that writers choose their format by (``.nii.gz``, ``.npz``).
     """
-    dest = Path(dest)
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".partial{suffix}", dir=dest.parent)
-    except OSError as exc:
-        raise UnisegError(f"{dest}: cannot write here ({exc.strerror or exc})") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        publish(tmp, dest)
-    except OSError as exc:  # full disk, quota: name the output, not the temporary file
-        tmp.unlink(missing_ok=True)
-        raise UnisegError(f"{dest}: cannot write ({exc.strerror or exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_files() as outputs:
+        yield outputs.add(dest, suffix=suffix)
 
 
 def make_folder(folder: str | Path) -> None:
@@ -87,6 +147,7 @@ def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[P
         raise UnisegError(f"{dest}: folder exists and is not empty (use --force to replace it)")
     parent = dest.parent
     make_folder(parent)
+    remove_leftovers(dest)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
     except OSError as exc:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from uniseg_cli.errors import UnisegError, first_line
-from uniseg_cli.io.atomic import atomic_file
+from uniseg_cli.io.atomic import AtomicFiles, atomic_files
 
 log = logging.getLogger(__name__)
 
@@ -327,18 +327,22 @@ def is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
-def write_array(path: str | Path, array: np.ndarray, geometry: Geometry) -> None:
-    """Write a ``(z, y, x)`` or ``(c, z, y, x)`` array on the geometry it was read with, atomically.
+def write_array(path: str | Path, array: np.ndarray, geometry: Geometry, *, into: AtomicFiles | None = None) -> None:
+    """Write a ``(z, y, x)`` or ``(c, z, y, x)`` array on the geometry it was read with, atomically
+    (or as one of the outputs ``into`` publishes together).
 
     NIfTI to NIfTI keeps the input's affine, qform/sform codes and header fields (with the new
     dtype); every other combination writes origin, spacing and direction through SimpleITK.
     """
+    if into is None:
+        with atomic_files() as outputs:
+            return write_array(path, array, geometry, into=outputs)
     ending = image_ending(path) or ".nii.gz"
-    with atomic_file(path, suffix=ending) as tmp:
-        if ending in NIFTI_ENDINGS and geometry.header is not None:
-            _write_nifti(tmp, array, geometry)
-        else:
-            _write_sitk(tmp, array, geometry)
+    tmp = into.add(path, suffix=ending)
+    if ending in NIFTI_ENDINGS and geometry.header is not None:
+        _write_nifti(tmp, array, geometry)
+    else:
+        _write_sitk(tmp, array, geometry)
 
 
 def _write_nifti(path: Path, array: np.ndarray, geometry: Geometry) -> None:
