@@ -128,15 +128,42 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, small_model, run_cli)
     torch.save({"state_dict": small_model.state_dict(), "plot_stuff": _Exploit(marker)}, path)
     code, out, err = run_cli("weights", "import", path, "-o", tmp_path / "out", "--device", "cpu")
     assert code == 1 and out == ""
-    assert err.strip().startswith(f"Error: {path}: refused: it asks for posix.system, which is not on uniseg's allow-list")
+    assert err.strip().startswith(f"Error: {path}: refused (nothing in it was run): it asks for posix.system, which is "
+                                  "not on uniseg's allow-list")
     assert len(err.strip().splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "out").exists()
 
     plans = tmp_path / "evil.pkl"
     plans.write_bytes(pickle.dumps({"plans": _Exploit(marker)}))
-    with pytest.raises(CheckpointError, match="refused: it asks for posix.system"):
+    with pytest.raises(CheckpointError, match=r"refused \(nothing in it was run\): it asks for posix.system"):
         read_plans(plans)
     assert not marker.exists()
+
+
+def test_refusals_name_the_global_not_torchs_unsafe_advice(tmp_path, small_model):
+    """A plain pickle of protocol 4 made torch name only an opcode, after advising weights_only=False."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "legacy.model"
+    path.write_bytes(pickle.dumps({"state_dict": dict(small_model.state_dict()), "x": _Exploit(marker)}, protocol=4))
+    with pytest.raises(CheckpointError) as refused:
+        read_checkpoint(path)
+    assert str(refused.value) == (f"{path}: refused (nothing in it was run): it asks for posix.system, which is not "
+                                  "on uniseg's allow-list of plain data types")
+    assert "weights_only" not in str(refused.value) and not marker.exists()
+
+
+def test_empty_and_truncated_checkpoints_say_so(tmp_path, small_model):
+    empty = tmp_path / "empty.model"
+    empty.touch()
+    with pytest.raises(CheckpointError, match=r"empty.model: is empty \(0 bytes; an interrupted download or copy\?\)$"):
+        read_checkpoint(empty)                                                   # was "EOFError: EOFError"
+    whole = tmp_path / "whole.model"
+    torch.save({"state_dict": small_model.state_dict()}, whole)
+    cut = tmp_path / "cut.model"
+    cut.write_bytes(whole.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match=r"cut.model: not a readable PyTorch checkpoint \(a damaged zip archive: "
+                                              r"truncated or corrupted\)$"):
+        read_checkpoint(cut)
 
 
 def test_ddp_prefixes_are_stripped_and_bare_state_dicts_accepted(tmp_path, small_model):

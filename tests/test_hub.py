@@ -112,9 +112,24 @@ def test_hub_errors_are_one_clear_line(hub, monkeypatch):
     with pytest.raises(ModelFileError, match="revision 'v9' not found in uniseg-test/tiny"):
         resolve_model(f"{REPO}@v9")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelFileError, match=r"is not in the local cache and the Hub cannot be reached \(offline\); get "
-                                             r"it with `uniseg weights download uniseg-test/tiny@main`"):
+    with pytest.raises(ModelFileError, match=r"is not in the local cache and the Hub cannot be reached \(offline: "
+                                             r"HF_HUB_OFFLINE is set\); get it with `uniseg weights download "
+                                             r"uniseg-test/tiny@main`"):
         resolve_model(f"{REPO}@main")
+
+
+def test_an_unreachable_endpoint_is_not_called_offline(monkeypatch):
+    """A wrong HF_ENDPOINT used to read "(offline)", which sends the user looking for HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")          # the discard port: nothing listens
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)            # huggingface_hub's retries, at once
+    with pytest.raises(ModelFileError, match=r"the Hub at http://127.0.0.1:9 cannot be reached \(.*[Cc]onnection "
+                                             r"refused.*\); get it with"):
+        resolve_model("nobody/absent@main")
 
 
 def test_predict_with_a_hub_model(hub, run_cli, tmp_path):

@@ -334,3 +334,15 @@ def test_the_next_run_removes_a_killed_runs_temporary_files(run_cli, coarse_mode
     code, _, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", out, "--no-tta")
     assert code == 0, err
     assert [p.name for p in out.iterdir()] == ["example_ct_spleen.nii.gz"]
+
+
+def test_an_output_that_names_another_kind_of_file_is_refused(run_cli, coarse_model_dir, tmp_path):
+    """`-o out.png` used to create a folder named out.png."""
+    code, _, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", tmp_path / "out.png")
+    assert code == 2 and _one_error_line(err).startswith(f"Error: {tmp_path / 'out.png'}: not a label map name (end it "
+                                                          "in .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) nor a folder")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "run.v2").mkdir()   # an existing folder with a dot in its name is a folder
+    code, _, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", tmp_path / "run.v2", "--no-tta")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "run.v2").iterdir()] == ["example_ct_spleen.nii.gz"]

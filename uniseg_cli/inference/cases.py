@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uniseg_cli.errors import UsageError
-from uniseg_cli.io.images import image_ending, is_dicom_folder, strip_ending
+from uniseg_cli.io.images import IMAGE_ENDINGS, image_ending, is_dicom_folder, strip_ending
 
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<index>\d{4})$")
 
@@ -140,6 +140,10 @@ def output_path(case: Case, task_key: str, output: Path | None, *, single: bool)
         if not single:
             raise UsageError(f"{output}: -o names one file, but there are several cases; give a folder")
         return output
+    if not output.is_dir() and re.fullmatch(r"\.[A-Za-z]\w{0,4}", output.suffix):
+        # `-o out.png` would otherwise become a folder named out.png
+        raise UsageError(f"{output}: not a label map name (end it in {', '.join(IMAGE_ENDINGS)}) nor a folder "
+                         "(to write into a new folder with a dot in its name, create it first)")
     return output / default_name
 
 

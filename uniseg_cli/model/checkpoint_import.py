@@ -14,6 +14,7 @@ import logging
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,15 +68,21 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: is empty (0 bytes; an interrupted download or copy?)")
     safe = [(obj, name) for name, obj in SAFE_GLOBALS.items()]
     try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals(safe), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on the pickle protocol, not the user's concern
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: {_blocked_global(str(exc))}") from None
-    except Exception as exc:  # a corrupt file fails anywhere inside torch's parser (KeyError, EOFError, …)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                              f"{first_line(exc)})") from None
+        raise CheckpointError(f"{path}: refused (nothing in it was run): {_refusal(path, str(exc))}") from None
+    except EOFError:
+        raise CheckpointError(f"{path}: ends early after {path.stat().st_size} bytes (truncated?)") from None
+    except Exception as exc:  # a corrupt file fails anywhere inside torch's parser (KeyError, …)
+        reason = ("a damaged zip archive: truncated or corrupted" if "PytorchStreamReader" in str(exc)
+                  else f"{type(exc).__name__}: {first_line(exc)}")
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if isinstance(data, Mapping) and "state_dict" in data:
         epoch = data.get("epoch")
         log.info("read %s (nnU-Net v1 checkpoint%s)", path.name, f", epoch {epoch}" if epoch is not None else "")
@@ -97,7 +104,7 @@ def read_plans(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: {exc}") from None
+        raise CheckpointError(f"{path}: refused (nothing in it was run): {exc}") from None
     except Exception as exc:  # truncated or foreign data fails anywhere inside the unpickler
         raise CheckpointError(f"{path}: not a readable plans pickle ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(data, Mapping):
@@ -128,11 +135,46 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it uses persistent ids, which plain plans files do not")
 
 
-def _blocked_global(message: str) -> str:
-    match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"global ([\w.]+)", message, re.IGNORECASE)
-    if match:
-        return f"it asks for {match.group(1)}, which is not on uniseg's allow-list of plain data types"
-    return f"it is not a plain weights pickle ({first_line(message)})"
+def _refusal(path: Path, message: str) -> str:
+    """Why the weights-only loader refused a file, naming the global it asked for.
+
+    torch's own message leads with the advice to re-run with ``weights_only=False``, which would run the
+    file's code; for newer pickle protocols it names only an opcode. The pickle's instructions are listed
+    (not run) to find the first global outside the allow-list.
+    """
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    name = match.group(1) if match else _first_foreign_global(path)
+    if name is not None:
+        return f"it asks for {name}, which is not on uniseg's allow-list of plain data types"
+    detail = message.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in message else ""
+    detail = " ".join(detail.split()).split(" Check the documentation")[0]
+    return "it is not a plain weights pickle" + (f" ({detail})" if detail else "")
+
+
+def _first_foreign_global(path: Path) -> str | None:
+    """The first ``module.name`` a pickle (or a torch zip's ``data.pkl``) imports that is neither torch's
+    nor on the allow-list; read with ``pickletools``, which decodes instructions without running them."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                payload = archive.read(member) if member else b""
+        else:
+            payload = path.read_bytes()
+        strings: list[str] = []
+        for opcode, argument, _ in pickletools.genops(payload):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(argument))
+            found = (str(argument).replace(" ", ".") if opcode.name in ("GLOBAL", "INST")
+                     else ".".join(strings[-2:]) if opcode.name == "STACK_GLOBAL" and len(strings) >= 2 else None)
+            if found and not found.startswith("torch.") and found not in SAFE_GLOBALS:
+                return found
+    except Exception:  # an unreadable pickle: torch's reason is all there is
+        return None
+    return None
 
 
 def infer_config(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> UniSegConfig:

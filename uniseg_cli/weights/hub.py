@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uniseg_cli.errors import ModelFileError, UnisegError, UnknownNameError, UsageError
+from uniseg_cli.errors import ModelFileError, UnisegError, UnknownNameError, UsageError, first_line
 
 if TYPE_CHECKING:
     from uniseg_cli.config import UniSegConfig
@@ -338,11 +338,10 @@ def download(repo: str, revision: str, *, name: str, pins: dict[str, str] | None
     for filename in MODEL_FILES:
         try:
             paths.append(Path(hf_hub_download(repo, filename, revision=revision)))
-        except LocalEntryNotFoundError:
-            raise ModelFileError(
-                f"model {label} is not in the local cache and the Hub cannot be reached (offline); get it "
-                f"with `uniseg weights download {name}` on a connected machine, or convert the original checkpoint "
-                "with `uniseg weights import`") from None
+        except LocalEntryNotFoundError as exc:
+            raise ModelFileError(f"model {label} is not in the local cache and {_why_unreachable(exc)}; get it "
+                                 f"with `uniseg weights download {name}` on a connected machine, or convert the "
+                                 "original checkpoint with `uniseg weights import`") from None
         except GatedRepoError:
             raise ModelFileError(f"model {name!r}: {repo} is gated; accept its terms on the Hub and set HF_TOKEN") from None
         except RepositoryNotFoundError:
@@ -356,6 +355,16 @@ def download(repo: str, revision: str, *, name: str, pins: dict[str, str] | None
         for path in paths:
             _check_hash(path, pins[path.name], name=name, remove=True)
     return folder
+
+
+def _why_unreachable(exc: BaseException) -> str:
+    """Offline mode and a Hub that does not answer (a wrong ``HF_ENDPOINT``, no network) need different fixes."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "the Hub cannot be reached (offline: HF_HUB_OFFLINE is set)"
+    cause = exc.__cause__ or exc.__context__
+    return f"the Hub at {constants.ENDPOINT} cannot be reached ({first_line(cause) if cause else 'no answer'})"
 
 
 def verify_files(folder: Path, entry: RegistryEntry) -> dict[str, str]:
