@@ -200,7 +200,7 @@ def test_existing_output_is_kept_unless_forced(tmp_path, checkpoint, run_cli):
 def test_an_output_folder_holding_the_checkpoint_is_refused(tmp_path, checkpoint, run_cli, monkeypatch):
     # --force would replace the folder, and the checkpoint in it with it
     code, _, err = run_cli("weights", "import", checkpoint, "-o", tmp_path, "--device", "cpu", "--force")
-    assert code == 2 and err.strip() == f"Error: {tmp_path}: holds the input {checkpoint}; write the model folder elsewhere"
+    assert code == 2 and err.strip() == f"Error: {tmp_path}: holds the input {checkpoint}; write the output folder elsewhere"
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli("weights", "import", checkpoint.name, "-o", ".", "--force")
     assert code == 2 and "holds the input" in err and "Traceback" not in err

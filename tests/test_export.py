@@ -130,3 +130,15 @@ def test_a_failed_check_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     with pytest.raises(export_module.ExportError, match=r"differs from PyTorch by .* \(tolerance 1e-09\); nothing was written"):
         export_module.export_model(str(tiny_model_dir), "safetensors", tmp_path / "out", half=True)
     assert not list(tmp_path.iterdir())
+
+
+def test_force_never_replaces_a_folder_holding_the_source_model(run_cli, tiny_model_dir, tmp_path):
+    """`export parent/model -o parent --force` replaced parent, deleting the model it exported."""
+    import shutil
+
+    parent = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, parent / "tiny")
+    code, _, err = run_cli("export", parent / "tiny", "--format", "safetensors", "-o", parent, "--force")
+    assert code == 2 and err.strip() == (f"Error: {parent}: holds the input {parent / 'tiny'}; write the output "
+                                         "folder elsewhere")
+    assert sorted(p.name for p in (parent / "tiny").iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())

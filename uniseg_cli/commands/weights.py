@@ -255,11 +255,10 @@ def import_(
         if installed.became_default:
             log.info("%s is now the default model: commands without --model use it", name)
     else:
-        folder = output.resolve()
-        for given in (checkpoint, plans):  # replacing the folder would delete an input inside it
-            if given is not None and (given.resolve() == folder or folder in given.resolve().parents):
-                raise UsageError(f"{output}: holds the input {given}; write the model folder elsewhere")
-        output = output if output.name else folder  # "." and ".." name no folder to write beside
+        from uniseg_cli.io.atomic import refuse_replacing_inputs
+
+        refuse_replacing_inputs(output, (checkpoint, plans))
+        output = output if output.name else output.resolve()  # "." and ".." name no folder to write beside
         report = import_checkpoint(checkpoint, output, plans=plans, device=target, overwrite=force, license=license)
     c = report.config
     log.info("configuration: patch %s, features %s, %d tasks, %d classes, inputs %s channels",

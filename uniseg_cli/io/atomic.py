@@ -7,10 +7,10 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from uniseg_cli.errors import UnisegError
+from uniseg_cli.errors import UnisegError, UsageError
 
 
 def _umask() -> int:
@@ -114,6 +114,15 @@ def atomic_file(dest: str | Path, *, suffix: str = "") -> Iterator[Path]:
     """
     with atomic_files() as outputs:
         yield outputs.add(dest, suffix=suffix)
+
+
+def refuse_replacing_inputs(dest: str | Path, inputs: Sequence[str | Path | None]) -> None:
+    """A usage error if replacing the folder ``dest`` (``--force``) would delete one of ``inputs``:
+    checked before any work, since an input of the user's is never deleted."""
+    folder = Path(dest).resolve()
+    for given in inputs:
+        if given is not None and (Path(given).resolve() == folder or folder in Path(given).resolve().parents):
+            raise UsageError(f"{dest}: holds the input {given}; write the output folder elsewhere")
 
 
 def make_folder(folder: str | Path) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.io.atomic import atomic_directory
+from uniseg_cli.io.atomic import atomic_directory, refuse_replacing_inputs
 from uniseg_cli.model.files import load_model, write_model_files
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import Task, resolve_task
@@ -104,6 +104,8 @@ def export_model(spec: str, fmt: str, output: str | Path | None = None, *, task:
     output = Path(output) if output is not None else Path(f"{source.resolve().name}-{fmt}")
     if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
         raise UsageError(f"{output}: is the source model folder (or inside it); choose another output")
+    refuse_replacing_inputs(output, (source,))  # --force would delete a source model inside the output
+    output = output if output.name else output.resolve()
     counts = [channels] if channels is not None else list(config.input_channels)
     with atomic_directory(output, overwrite=force) as tmp:
         report = ExportReport(fmt, output, [])
