@@ -31,7 +31,11 @@ def test_kidney_on_the_real_ct_keeps_the_input_geometry_exactly(run_cli, small_m
     for entry in result["labels"]:
         assert entry["voxels"] == int((labels == entry["value"]).sum())
         assert entry["volume_ml"] == pytest.approx(entry["voxels"] * 27 / 1000, abs=1e-3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kidney.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kidney.json", "kidney.nii.gz"]
+    table = json.loads((tmp_path / "kidney.json").read_text())
+    assert table["label_map"] == "kidney.nii.gz" and table["task"] == "kidney" and table["background"] == 0
+    assert [(e["value"], e["name"], e["task"], e["colour"], e["type"]["value"]) for e in table["labels"]] == [
+        (1, "kidney", "kidney", [46, 204, 113], "64033007"), (2, "kidney tumour", "kidney", [0, 255, 255], "108369006")]
 
 
 @pytest.fixture(scope="module")

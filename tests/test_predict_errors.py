@@ -108,7 +108,8 @@ def test_a_dicom_series_with_a_missing_slice_is_refused_unless_allowed(run_cli, 
     assert "the others are 2 mm apart; pass --allow-gaps" in line and _outputs(out) == []
     code, _, err = run_cli("-q", "predict", folder, "-t", "liver", "-m", coarse_model_dir, "-o", out, "--no-tta",
                            "--allow-gaps")
-    assert code == 0 and "segmenting it anyway (--allow-gaps)" in err and _outputs(out) == ["series_liver.nii.gz"]
+    assert code == 0 and "segmenting it anyway (--allow-gaps)" in err
+    assert _outputs(out) == ["series_liver.json", "series_liver.nii.gz"]
 
 
 def test_itk_warnings_never_reach_the_terminal(tmp_path, capfd):
@@ -195,14 +196,14 @@ def test_some_cases_fail_others_are_written(run_cli, coarse_model_dir, tmp_path,
     assert list(results) == ["example_ct", "broken"]          # reported in input order
     assert "error" not in results["example_ct"] and results["broken"]["error"].startswith(f"{broken}: cannot read")
     assert sorted(results["broken"]) == ["case", "error", "inputs", "task"]  # no labels, time or device
-    assert _outputs(out) == ["example_ct_spleen.nii.gz"]
+    assert _outputs(out) == ["example_ct_spleen.json", "example_ct_spleen.nii.gz"]
     # A failure while the next case is prefetched does not disturb it, nor the order.
     shutil.copy(CT, tmp_path / "ct2.nii.gz")
     code, stdout, err = run_cli("predict", broken, CT, tmp_path / "ct2.nii.gz", "-t", "spleen", "-m",
                                 coarse_model_dir, "-o", tmp_path / "again", "--json", "--no-tta")
     assert code == 1 and err.count("Error:") == 1
     assert [json.loads(line)["case"] for line in stdout.splitlines()] == ["broken", "example_ct", "ct2"]
-    assert _outputs(tmp_path / "again") == ["ct2_spleen.nii.gz", "example_ct_spleen.nii.gz"]
+    assert _outputs(tmp_path / "again") == ["ct2_spleen.json", "ct2_spleen.nii.gz", "example_ct_spleen.json", "example_ct_spleen.nii.gz"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -325,7 +326,7 @@ def test_a_case_whose_probabilities_fail_leaves_no_label_map_and_is_redone(run_c
     assert [p.name for p in out.iterdir()] == []
     code, _, err = run_cli(*args)
     assert code == 0, err
-    assert _outputs(out) == ["example_ct_spleen.nii.gz", "example_ct_spleen_probabilities.npz"]
+    assert _outputs(out) == ["example_ct_spleen.json", "example_ct_spleen.nii.gz", "example_ct_spleen_probabilities.npz"]
 
 
 def test_the_next_run_removes_a_killed_runs_temporary_files(run_cli, coarse_model_dir, out):
@@ -333,7 +334,7 @@ def test_the_next_run_removes_a_killed_runs_temporary_files(run_cli, coarse_mode
     leftover.write_bytes(b"half a label map")
     code, _, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", out, "--no-tta")
     assert code == 0, err
-    assert [p.name for p in out.iterdir()] == ["example_ct_spleen.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["example_ct_spleen.json", "example_ct_spleen.nii.gz"]
 
 
 def test_an_output_that_names_another_kind_of_file_is_refused(run_cli, coarse_model_dir, tmp_path):
@@ -345,4 +346,4 @@ def test_an_output_that_names_another_kind_of_file_is_refused(run_cli, coarse_mo
     (tmp_path / "run.v2").mkdir()   # an existing folder with a dot in its name is a folder
     code, _, err = run_cli("predict", CT, "-t", "spleen", "-m", coarse_model_dir, "-o", tmp_path / "run.v2", "--no-tta")
     assert code == 0, err
-    assert [p.name for p in (tmp_path / "run.v2").iterdir()] == ["example_ct_spleen.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "run.v2").iterdir()) == ["example_ct_spleen.json", "example_ct_spleen.nii.gz"]

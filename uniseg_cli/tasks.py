@@ -179,6 +179,72 @@ UPSTREAM_TASKS: tuple[Task, ...] = (
 )
 
 
+# ---------------------------------------------------------------------------------- terminology
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (value, coding scheme, meaning) as DICOM and 3D Slicer store them."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class LabelTerms:
+    """What a label is, in codes the tools read: DICOM SEG's segmented property category and type (and
+    the anatomic region a tumour lies in), 3D Slicer's terminology entry, and a display colour (RGB)."""
+
+    category: Code
+    type: Code
+    colour: tuple[int, int, int]
+    region: Code | None = None
+
+
+_ANATOMY = Code("91723000", "SCT", "Anatomical Structure")
+_ABNORMAL = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+_TISSUE = Code("85756007", "SCT", "Tissue")
+_NEOPLASM = Code("108369006", "SCT", "Neoplasm")
+_LIVER = Code("10200004", "SCT", "Liver")
+_KIDNEY = Code("64033007", "SCT", "Kidney")
+_PANCREAS = Code("15776009", "SCT", "Pancreas")
+_BRAIN = Code("12738006", "SCT", "Brain")
+
+#: The labels of the 11 upstream tasks in SNOMED CT (codes as in DICOM PS3.16 / pydicom's dictionary);
+#: colours follow 3D Slicer's anatomy colours where it has one, and differ within every merged map.
+LABEL_TERMS: dict[str, LabelTerms] = {
+    "liver": LabelTerms(_ANATOMY, _LIVER, (221, 130, 101)),
+    "liver tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (255, 255, 0), _LIVER),
+    "kidney": LabelTerms(_ANATOMY, _KIDNEY, (46, 204, 113)),  # not Slicer's: it is too close to its liver
+    "kidney tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (0, 255, 255), _KIDNEY),
+    "hepatic vessel": LabelTerms(_ANATOMY, Code("59820001", "SCT", "Blood Vessel"), (0, 151, 206), _LIVER),
+    "hepatic tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (255, 128, 0), _LIVER),
+    "pancreas": LabelTerms(_ANATOMY, _PANCREAS, (249, 180, 111)),
+    "pancreas tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (255, 0, 255), _PANCREAS),
+    "colon tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (128, 0, 255), Code("71854001", "SCT", "Colon")),
+    "lung tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (255, 64, 64), Code("39607008", "SCT", "Lung")),
+    "spleen": LabelTerms(_ANATOMY, Code("78961009", "SCT", "Spleen"), (157, 108, 162)),
+    "vertebrae": LabelTerms(_ANATOMY, Code("51282000", "SCT", "Vertebra"), (241, 214, 145)),
+    "prostate": LabelTerms(_ANATOMY, Code("41216001", "SCT", "Prostate"), (230, 158, 140)),
+    "edema": LabelTerms(_ABNORMAL, Code("79654002", "SCT", "Edema"), (0, 200, 0), _BRAIN),
+    "non-enhancing tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (220, 20, 20), _BRAIN),
+    "enhancing tumour": LabelTerms(_ABNORMAL, _NEOPLASM, (255, 220, 0), _BRAIN),
+    "lesion": LabelTerms(_ABNORMAL, Code("52988006", "SCT", "Lesion"), (255, 0, 0)),
+}
+
+#: Colours of labels the table does not know (a fine-tuned model's own), by label value.
+_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def label_terms(name: str, value: int) -> LabelTerms:
+    """The terms of a label by its name; one the table does not know is coded honestly as plain
+    tissue (SCT Tissue), never guessed from its name, with a colour from a fixed palette."""
+    known = LABEL_TERMS.get(name.strip().lower())
+    if known is not None:
+        return known
+    return LabelTerms(_TISSUE, _TISSUE, _PALETTE[(value - 1) % len(_PALETTE)])
+
+
 def validate_tasks(tasks: Sequence[Task]) -> None:
     """Ids must be 0…T-1 in order (they index the prompt), and every name must select one task."""
     seen: dict[str, str] = {}

@@ -15,9 +15,16 @@ from uniseg_cli.devices import DEVICE_HELP
 
 def predict(
     inputs: list[str] = typer.Argument(..., metavar="INPUT...", help="Scan files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders of scans, comma-separated channel lists (t1.nii.gz,t1ce.nii.gz,…), or - to read one case per line from stdin."),
-    task: str = typer.Option(..., "--task", "-t", help="Task key, alias or id (kidney, kidn, 1), or 'all' for every task that fits the input, merged into one map. See `uniseg tasks`."),
+    task: str = typer.Option(..., "--task", "-t", help="Task key, alias or id (kidney, kidn, 1); a list (liver,kidney,spleen) or 'all' (every task that fits the input), merged into one map with the shared encoder run once per tile. See `uniseg tasks`."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a folder, an installed or registry name (`uniseg weights list`) or a Hub name owner/name[@revision]. Default: $UNISEG_MODEL, else `uniseg weights default` (set by the first `uniseg weights download`)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (one case) or folder. Default: <case>_<task>.nii.gz in the current folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (one case) or folder. Default: <case>_<task>.nii.gz (or the first --output-format's ending) in the current folder."),
+    output_format: str = typer.Option("nifti", "--output-format", "-f", metavar="nifti|dicom-seg|rtstruct|seg-nrrd", help="What to write, comma-separated for several (the first names -o): nifti (label map image; .nrrd/.mha by -o's ending), dicom-seg (DICOM Segmentation referencing the series), rtstruct (RT Structure Set), seg-nrrd (3D Slicer segmentation). dicom-seg and rtstruct need DICOM series inputs."),
+    sidecar: bool = typer.Option(True, "--sidecar/--no-sidecar", help="Write <name>.json beside NIfTI label maps: value -> name, task, colour, SNOMED CT codes."),
+    split: bool = typer.Option(False, "--split", help="With a task list or 'all': one output per task (each in its own numbering) instead of the merged map."),
+    statistics: bool = typer.Option(False, "--statistics", help="Add the input's intensity (channel 0, original units: HU for CT) inside each label to the --json record: mean, std, median, min, max, p5, p95, and its bounding box in mm (LPS)."),
+    statistics_csv: Optional[Path] = typer.Option(None, "--statistics-csv", metavar="FILE", help="Also write the statistics as CSV, one row per case and label (implies --statistics)."),
+    preview: bool = typer.Option(False, "--preview", help="Write <output>_preview.png: axial, coronal and sagittal slices through the labels, overlaid in their colours, with a legend."),
+    preview_file: Optional[Path] = typer.Option(None, "--preview-file", metavar="FILE.png", help="The preview's file name for a single case (implies --preview)."),
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation over the 8 axis flips (default on, as published; off is 8x faster)."),
     step: Optional[float] = typer.Option(None, "--step", min=0.01, max=1.0, help="Tile step as a fraction of the patch size (default 0.5, as published: half-overlapping tiles); larger is faster."),
@@ -46,6 +53,8 @@ def predict(
       uniseg predict t1.nii.gz,t1ce.nii.gz,t2.nii.gz,flair.nii.gz --task brain_tumor -m uniseg-11task
       ls *.nii.gz | uniseg predict - --task liver -o out/ --json > volumes.jsonl
       uniseg predict scan.nii.gz --task kidney -m uniseg-demo --fast               bundled demo model
+      uniseg predict dicom_series/ --task liver,spleen -f dicom-seg,nifti --statistics --json
+      uniseg predict scan.nii.gz --task all -f seg-nrrd --preview                  3D Slicer + PNG
     """
     from uniseg_cli.inference.allocator import tune_allocator
 
@@ -55,6 +64,7 @@ def predict(
     from uniseg_cli.inference.predictor import PROBABILITY_FORMATS
     from uniseg_cli.inference.runtime import PRECISIONS, parse_size
     from uniseg_cli.inference.sliding_window import WindowOptions
+    from uniseg_cli.outputs.formats import OutputOptions, parse_formats
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
@@ -67,6 +77,11 @@ def predict(
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     tta = (not fast) if tta is None else tta
     step = (0.75 if fast else 0.5) if step is None else step
+    if preview_file is not None and not preview_file.name.lower().endswith(".png"):
+        raise UsageError(f"--preview-file {preview_file}: must end in .png")
+    outputs = OutputOptions(formats=parse_formats(output_format), sidecar=sidecar,
+                            statistics=statistics or statistics_csv is not None,
+                            preview=preview or preview_file is not None, preview_path=preview_file, split=split)
     stdin = sys.stdin if "-" in inputs else ()
     failures = run_batch(
         inputs, stdin, task=task, model=model, output=output, device=device,
@@ -74,6 +89,7 @@ def predict(
         probabilities=save_probabilities, modality=modality, shard=shard, skip_existing=skip_existing,
         emit=(lambda result: print(json.dumps(result.to_json()), flush=True)) if as_json else None,
         progress=not quiet, max_memory=None if max_memory is None else parse_size(max_memory), allow_gaps=allow_gaps,
+        outputs=outputs, statistics_csv=statistics_csv,
     )
     if failures:
         raise typer.Exit(1)

@@ -13,7 +13,9 @@ from uniseg_cli.errors import UnisegError, UsageError, first_line
 from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.inference.predictor import CaseResult, Prediction, PreparedCase, Segmenter
 from uniseg_cli.inference.sliding_window import WindowOptions
-from uniseg_cli.io.atomic import make_folder
+from uniseg_cli.io.atomic import make_folder, write_text
+from uniseg_cli.outputs.formats import OutputOptions, check_options
+from uniseg_cli.outputs.statistics import statistics_csv as statistics_table
 from uniseg_cli.progress import on_terminal, stderr_progress
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,8 @@ CASE_ERRORS = (Exception,)
 def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, model: str | None, output: Path | None,
               device: str, window: WindowOptions, probabilities: str | None, modality: str | None,
               shard: str | None, skip_existing: bool, emit: Callable[[CaseResult], None] | None,
-              progress: bool, max_memory: int | None = None, allow_gaps: bool = False) -> int:
+              progress: bool, max_memory: int | None = None, allow_gaps: bool = False,
+              outputs: OutputOptions = OutputOptions(), statistics_csv: Path | None = None) -> int:
     """Segment every case; returns the number of failed cases (each reported on stderr and to ``emit``)."""
     every = collect_cases(arguments, stdin)
     if not every:
@@ -35,9 +38,17 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     if not cases:  # a job array with more jobs than cases: nothing to do is not an error
         log.info("no cases in shard %s (%d case(s) in all)", shard, len(every))
         return 0
+    check_options(outputs, [all(p.is_dir() for p in case.channels) for case in cases])
+    single = len(cases) == 1
+    if outputs.split and output is not None and single and output_path(cases[0], "x", output, single=True,
+                                                                       fmt=outputs.formats[0]) == output:
+        raise UsageError(f"{output}: --split writes one file per task; give a folder")
+    if outputs.preview_path is not None and not single:
+        raise UsageError(f"--preview {outputs.preview_path}: names one file, but there are several cases; "
+                         "give --preview alone (each case gets <output>_preview.png)")
     segmenter = Segmenter(model, device=device, window=window, max_memory=max_memory)
     key = segmenter.task_key(task)
-    plan = [(case, output_path(case, key, output, single=len(cases) == 1)) for case in cases]
+    plan = [(case, output_path(case, key, output, single=single, fmt=outputs.formats[0])) for case in cases]
     for case, target in plan:
         refuse_overwriting_inputs(case, target)
     if output is not None and not (len(cases) == 1 and plan[0][1] == output):
@@ -46,8 +57,15 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key,
              segmenter.model_name + (" (default)" if model is None else ""),
              segmenter.device, options.precision, "on" if options.mirror else "off", options.step)
+    records: list[dict] = []
+    if statistics_csv is not None:  # every case's labels, written as one table when the batch ends
+        inner = emit
+        def emit(result: CaseResult) -> None:
+            records.append(result.to_json())
+            if inner is not None:
+                inner(result)
     pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, allow_gaps=allow_gaps,
-                         emit=emit)
+                         outputs=outputs, emit=emit)
     with _Progress(enabled=on_terminal(progress)) as bar, pipeline:
         skipped = {case.name for case, target in plan if skip_existing and target.exists()}
         todo = [(case, target) for case, target in plan if case.name not in skipped]
@@ -64,11 +82,13 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
             bar.start(case.name)
             try:
                 prediction = segmenter.run(prepared.inputs, probabilities=probabilities is not None,
-                                           on_progress=bar.update)
+                                           split=outputs.split, on_progress=bar.update)
             except CASE_ERRORS as exc:
                 pipeline.failed(case, exc)
             else:
                 pipeline.write(prepared, prediction)  # written in the background, reported in order
+    if statistics_csv is not None:
+        write_text(statistics_csv, statistics_table(records))
     return pipeline.failures
 
 
@@ -79,9 +99,10 @@ class _Pipeline:
     """
 
     def __init__(self, segmenter: Segmenter, key: str, *, probabilities: str | None, modality: str | None,
-                 allow_gaps: bool, emit: Callable[[CaseResult], None] | None) -> None:
+                 allow_gaps: bool, outputs: OutputOptions, emit: Callable[[CaseResult], None] | None) -> None:
         self.segmenter, self.key = segmenter, key
         self.probabilities, self.modality, self.allow_gaps, self.emit = probabilities, modality, allow_gaps, emit
+        self.outputs = outputs
         self.failures = 0
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="uniseg-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="uniseg-write")
@@ -106,7 +127,7 @@ class _Pipeline:
             case, target = item
             self._prefetched[case.name] = self._reader.submit(
                 self.segmenter.prepare_case, case, self.key, target, modality=self.modality,
-                allow_gaps=self.allow_gaps)
+                allow_gaps=self.allow_gaps, outputs=self.outputs)
 
     def take(self, case: Case) -> PreparedCase | None:
         try:
@@ -122,7 +143,8 @@ class _Pipeline:
         self._flush(block=False)
 
     def _write(self, prepared: PreparedCase, prediction: Prediction) -> CaseResult:
-        result = self.segmenter.write_case(prepared, prediction, probabilities=self.probabilities)
+        result = self.segmenter.write_case(prepared, prediction, probabilities=self.probabilities,
+                                           outputs=self.outputs)
         log.info("%s -> %s (%.1f s)", prepared.case.name, result.output, result.seconds)
         return result
 

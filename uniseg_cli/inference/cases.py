@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uniseg_cli.errors import UsageError
-from uniseg_cli.io.images import IMAGE_ENDINGS, image_ending, is_dicom_folder, strip_ending
+from uniseg_cli.io.images import image_ending, is_dicom_folder, strip_ending
 
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<index>\d{4})$")
 
@@ -131,18 +131,22 @@ def select_shard(cases: Sequence[Case], shard: str | None) -> list[Case]:
     return ordered[index::count]
 
 
-def output_path(case: Case, task_key: str, output: Path | None, *, single: bool) -> Path:
-    """Where a case's label map goes: ``-o`` as a file (one case), ``-o`` as a folder, or the working folder."""
-    default_name = f"{case.name}_{task_key}.nii.gz"
+def output_path(case: Case, task_key: str, output: Path | None, *, single: bool, fmt: str = "nifti") -> Path:
+    """Where a case's first output goes: ``-o`` as a file (one case), ``-o`` as a folder, or the working
+    folder; ``fmt`` (the first ``--output-format``) gives the default ending and the endings ``-o`` may have."""
+    from uniseg_cli.outputs.formats import FORMATS, accepted_endings, file_ending
+
+    default_name = f"{case.name}_{task_key}{FORMATS[fmt]}"
     if output is None:
         return Path.cwd() / default_name
-    if image_ending(output) and not output.is_dir():
+    if file_ending(output, fmt) and not output.is_dir():
         if not single:
             raise UsageError(f"{output}: -o names one file, but there are several cases; give a folder")
         return output
     if not output.is_dir() and re.fullmatch(r"\.[A-Za-z]\w{0,4}", output.suffix):
         # `-o out.png` would otherwise become a folder named out.png
-        raise UsageError(f"{output}: not a label map name (end it in {', '.join(IMAGE_ENDINGS)}) nor a folder "
+        what = "a label map" if fmt == "nifti" else f"a {fmt} file"
+        raise UsageError(f"{output}: not {what} name (end it in {', '.join(accepted_endings(fmt))}) nor a folder "
                          "(to write into a new folder with a dot in its name, create it first)")
     return output / default_name
 

@@ -8,6 +8,7 @@ tasks), resampled back, put into the input's grid and written atomically.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -26,8 +27,14 @@ from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
 from uniseg_cli.io.atomic import AtomicFiles, atomic_files, make_folder
 from uniseg_cli.io.images import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
+from uniseg_cli.outputs.dicom import write_dicom_seg, write_rtstruct
+from uniseg_cli.outputs.formats import FORMATS, OutputOptions, output_files, preview_path, sidecar_path
+from uniseg_cli.outputs.preview import write_preview
+from uniseg_cli.outputs.sidecar import write_sidecar
+from uniseg_cli.outputs.slicer import write_seg_nrrd
+from uniseg_cli.outputs.statistics import label_intensities
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.tasks import Task, resolve_task
+from uniseg_cli.tasks import LabelTerms, Task, label_terms, resolve_task
 from uniseg_cli.weights.hub import resolve_model
 
 log = logging.getLogger(__name__)
@@ -46,14 +53,21 @@ class Label:
     name: str
     task: str
 
+    @property
+    def terms(self) -> LabelTerms:
+        """Codes and display colour (the task registry's terminology)."""
+        return label_terms(self.name, self.value)
+
 
 @dataclass
 class Prediction:
-    """A label map in the input's array order ``(z, y, x)`` plus, if asked, per-task probabilities."""
+    """A label map in the input's array order ``(z, y, x)`` plus, if asked, per-task probabilities and
+    per-task label maps (each in the task's own numbering 1…n, for ``--split``)."""
 
     labels: np.ndarray
     legend: list[Label]
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+    tasks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +82,7 @@ class CaseResult:
     seconds: float = 0.0
     device: str = ""
     probabilities: str | None = None
+    outputs: dict[str, str] | None = None
     skipped: bool = False
     error: str | None = None
 
@@ -121,12 +136,13 @@ class Segmenter:
         """The task(s) ``spec`` names for this input; refuses tasks whose channels do not fit."""
         channels = data.shape[0]
         if not _is_all(spec):
-            task = resolve_task(spec, self.tasks)
-            if len(task.channels) != channels:
-                wanted = ", ".join(c.name for c in task.channels)
-                raise UnisegError(f"{source}: task {task.key!r} takes {len(task.channels)} channel(s) ({wanted}); "
-                                  f"the case has {channels}")
-            return [task]
+            chosen = self.subset(spec)
+            for task in chosen:
+                if len(task.channels) != channels:
+                    wanted = ", ".join(c.name for c in task.channels)
+                    raise UnisegError(f"{source}: task {task.key!r} takes {len(task.channels)} channel(s) ({wanted}); "
+                                      f"the case has {channels}")
+            return chosen
         fitting = [t for t in self.tasks if len(t.channels) == channels]
         if not fitting:
             raise UnisegError(f"{source}: no task of the model takes {channels} channel(s)")
@@ -139,6 +155,15 @@ class Segmenter:
             if not fitting:
                 raise UnisegError(f"{source}: no task of the model takes a {modality} scan with {channels} channel(s)")
         return fitting
+
+    def subset(self, spec: str) -> list[Task]:
+        """The tasks a ``liver,kidney,spleen`` list names (or ``liver+spleen``, the key results carry; or the
+        one task a single name does), in the model's order, so that overlaps resolve as in ``all``: the
+        later task wins."""
+        named = {resolve_task(part, self.tasks).key for part in re.split(r"[,+]", spec) if part.strip()}
+        if not named:
+            raise UsageError(f"--task {spec!r}: no task named")
+        return [t for t in self.tasks if t.key in named]
 
     def legend(self, tasks: Sequence[Task], *, merged: bool) -> tuple[list[Label], dict[str, int]]:
         """Label values of the written map: the task's own for one task; for ``all`` (even when only one
@@ -177,13 +202,14 @@ class Segmenter:
         if data.ndim != 4:
             raise UnisegError(f"{source}: expected a (channels, z, y, x) array, got shape {data.shape}")
         if isinstance(task, str):
-            tasks, merged = self.select_tasks(task, data, source=source, modality=modality), _is_all(task)
+            tasks = self.select_tasks(task, data, source=source, modality=modality)
+            merged, key = _is_all(task) or len(tasks) > 1, self.task_key(task)
         else:
             tasks, merged = list(task), len(task) > 1
+            key = "+".join(t.key for t in tasks) if merged else tasks[0].key
         legend, offsets = self.legend(tasks, merged=merged)
         groups = [(group, *self._preprocess(data, tuple(spacing), axis_world, group[0], source=source))
                   for group in _group_by_preprocessing(tasks)]
-        key = ALL_TASKS if merged else tasks[0].key
         return NetworkInputs(key, tuple(data.shape[1:]), legend, offsets, groups)  # type: ignore[arg-type]
 
     def _preprocess(self, data: np.ndarray, spacing: tuple[float, ...], axis_world: Sequence[int], task: Task, *,
@@ -200,9 +226,10 @@ class Segmenter:
             log.warning("%s: out of %s memory for pre-processing; doing it on the CPU", source, self.device)
             return preprocess(*arguments)
 
-    def run(self, inputs: NetworkInputs, *, probabilities: bool = False,
+    def run(self, inputs: NetworkInputs, *, probabilities: bool = False, split: bool = False,
             on_progress: Callable[[int, int], None] | None = None) -> Prediction:
-        """The network half: sliding window per group, probabilities back to the input grid, merged labels."""
+        """The network half: sliding window per group, probabilities back to the input grid, merged labels
+        (and, with ``split``, each task's own map)."""
         single = sum(len(group) for group, _, _ in inputs.groups) == 1
         merged = None if single else np.zeros(inputs.shape, dtype=np.uint8)
         # Groups run in spacing order, not task order: where tasks overlap the later task must win, so
@@ -210,6 +237,7 @@ class Segmenter:
         rank = {key: i + 1 for i, key in enumerate(inputs.offsets)}
         owner = None if single else np.zeros(inputs.shape, dtype=np.uint8)
         saved: dict[str, np.ndarray] = {}
+        per_task: dict[str, np.ndarray] = {}
         for group, x, info in inputs.groups:
             slab_bytes = self._memory_budget(x, group, info, inputs.shape)
             tensor = x.to(self.device)
@@ -221,6 +249,8 @@ class Segmenter:
                     if p is not None:
                         saved[task_.key] = uncrop(p, info, fill_first=1)
                     del probs, labels_t, p
+                    if split:
+                        per_task[task_.key] = labels
                     offset = inputs.offsets[task_.key]
                     if single:  # one task: its map is the output (shifted only for the merged numbering)
                         merged = labels + np.uint8(offset) * (labels > 0) if offset else labels
@@ -228,7 +258,8 @@ class Segmenter:
                     hit = (labels > 0) & (owner < rank[task_.key])
                     merged[hit] = labels[hit] + offset
                     owner[hit] = rank[task_.key]
-        return Prediction(merged, inputs.legend, saved)
+        ordered = {key: per_task[key] for key in inputs.offsets if key in per_task}
+        return Prediction(merged, inputs.legend, saved, ordered)
 
     def _memory_budget(self, x: torch.Tensor, group: Sequence[Task], info: CropInfo, shape: Sequence[int]) -> int:
         """The export slab size under ``max_memory``, after refusing a case whose arrays cannot fit."""
@@ -264,8 +295,9 @@ class Segmenter:
                                   accumulate_on=torch.device("cpu"))
 
     def task_key(self, spec: str) -> str:
-        """``all`` or the key of the task ``spec`` names (used in output names and results)."""
-        return ALL_TASKS if _is_all(spec) else resolve_task(spec, self.tasks).key
+        """``all``, the key of the task ``spec`` names, or ``liver+spleen`` for a list (used in output names
+        and results)."""
+        return ALL_TASKS if _is_all(spec) else "+".join(t.key for t in self.subset(spec))
 
     def predict_file(self, channels: str | Path | Sequence[str | Path], task: str, output: str | Path,
                      **options: Any) -> CaseResult:
@@ -282,45 +314,111 @@ class Segmenter:
                 for c in cases]
 
     def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
-                     modality: str | None = None, allow_gaps: bool = False,
+                     modality: str | None = None, allow_gaps: bool = False, outputs: OutputOptions = OutputOptions(),
                      on_progress: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
         refuse_overwriting_inputs(case, output)
-        prepared = self.prepare_case(case, task, output, modality=modality, allow_gaps=allow_gaps)
-        prediction = self.run(prepared.inputs, probabilities=probabilities is not None, on_progress=on_progress)
-        return self.write_case(prepared, prediction, probabilities=probabilities)
+        prepared = self.prepare_case(case, task, output, modality=modality, allow_gaps=allow_gaps, outputs=outputs)
+        prediction = self.run(prepared.inputs, probabilities=probabilities is not None, split=outputs.split,
+                              on_progress=on_progress)
+        return self.write_case(prepared, prediction, probabilities=probabilities, outputs=outputs)
 
     def prepare_case(self, case: Case, task: str, output: Path, *, modality: str | None = None,
-                     allow_gaps: bool = False) -> PreparedCase:
+                     allow_gaps: bool = False, outputs: OutputOptions = OutputOptions()) -> PreparedCase:
         """Read and pre-process one case (no network): what the batch runner prefetches in a thread.
         Callers have refused outputs that would overwrite an input (the batch, all of them up front).
         ``allow_gaps`` accepts DICOM series with missing or unevenly spaced slices."""
         start = time.perf_counter()
         data, geometry = read_channels(case.channels, allow_gaps=allow_gaps)
+        if outputs.needs_dicom and not geometry.dicom_files:
+            raise UnisegError(f"{case.channels[0]}: not a DICOM series; --output-format "
+                              f"{', '.join(outputs.formats)} needs one")
+        intensity = data[0].copy() if outputs.needs_intensity else None  # statistics and previews: original units
         inputs = self.prepare_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
                                     source=str(case.channels[0]), modality=modality)
-        return PreparedCase(case, inputs.key, output, geometry, inputs, start)
+        return PreparedCase(case, inputs.key, output, geometry, inputs, start, intensity)
 
-    def write_case(self, prepared: PreparedCase, prediction: Prediction, *,
-                   probabilities: str | None = None) -> CaseResult:
-        """Write the label map (and probabilities) on the input's grid; the record ``--json`` prints.
+    def write_case(self, prepared: PreparedCase, prediction: Prediction, *, probabilities: str | None = None,
+                   outputs: OutputOptions = OutputOptions()) -> CaseResult:
+        """Write the label map(s) in every asked format, with sidecars, preview and probabilities, on the
+        input's grid; the record ``--json`` prints.
 
-        All outputs of the case appear together or not at all: a label map left beside failed
-        probabilities would make ``--skip-existing`` take the case for done.
+        All outputs of the case appear together or not at all (the first format's map last): a label map
+        left beside failed probabilities would make ``--skip-existing`` take the case for done.
         """
         output, geometry, case = prepared.output, prepared.geometry, prepared.case
         make_folder(output.parent)
+        maps = self._maps(prepared, prediction, outputs)
         probability_path = None
-        with atomic_files() as outputs:
-            write_array(output, prediction.labels, geometry, into=outputs)
+        written: dict[str, str] = {}
+        labels: list[dict[str, Any]] = []
+        with atomic_files() as files:
+            for key, primary, label_map, legend in maps:
+                for fmt, path in output_files(primary, outputs).items():
+                    self._write_format(fmt, path, label_map, legend, geometry, key, into=files)
+                    written[fmt if not outputs.split else f"{key}:{fmt}"] = str(path)
+                    if fmt == "nifti" and outputs.sidecar:
+                        sidecar = sidecar_path(path)
+                        write_sidecar(files.add(sidecar, suffix=".json"), legend, label_map=path,
+                                      model=self.model_name, task=key)
+                        written[("" if not outputs.split else f"{key}:") + "sidecar"] = str(sidecar)
+                labels += self._label_records(label_map, legend, geometry, prepared.intensity, outputs,
+                                              primary if outputs.split else None)
+            if outputs.preview:
+                preview = outputs.preview_path or preview_path(output, outputs.formats[0])
+                write_preview(files.add(preview, suffix=".png"), prepared.intensity, prediction.labels,
+                              prediction.legend, geometry, title=f"{case.name}: {prepared.key} ({self.model_name})",
+                              is_ct=prepared.inputs.groups[0][0][0].channels[0].modality.upper() == "CT")
+                written["preview"] = str(preview)
             if probabilities is not None:
                 probability_path = _probability_path(output, probabilities)
-                _write_probabilities(probability_path, prediction, geometry, probabilities, into=outputs)
+                _write_probabilities(probability_path, prediction, geometry, probabilities, into=files)
+        first = maps[0][1]
+        extra = {k: v for k, v in written.items() if v != str(first)}
         return CaseResult.of(
-            case, prepared.key, output=str(output), labels=label_statistics(prediction, geometry),
+            case, prepared.key, output=str(first), labels=labels,
             seconds=round(time.perf_counter() - prepared.started, 3), device=str(self.device),
-            probabilities=str(probability_path) if probability_path else None,
+            probabilities=str(probability_path) if probability_path else None, outputs=extra or None,
         )
+
+    @staticmethod
+    def _maps(prepared: PreparedCase, prediction: Prediction,
+              outputs: OutputOptions) -> list[tuple[str, Path, np.ndarray, list[Label]]]:
+        """(task key, primary path, label map, legend) of each map written: the merged one, or with
+        ``split`` each task's in its own numbering, named ``<case>_<task>``."""
+        if not outputs.split or not prediction.tasks:
+            return [(prepared.key, prepared.output, prediction.labels, prediction.legend)]
+        ending = FORMATS[outputs.formats[0]]
+        maps = []
+        for key, label_map in prediction.tasks.items():
+            legend = [Label(i + 1, label.name, key) for i, label in
+                      enumerate(label for label in prediction.legend if label.task == key)]
+            maps.append((key, prepared.output.with_name(f"{prepared.case.name}_{key}{ending}"), label_map, legend))
+        return maps
+
+    def _write_format(self, fmt: str, path: Path, labels: np.ndarray, legend: list[Label], geometry: Geometry,
+                      key: str, *, into: AtomicFiles) -> None:
+        if fmt == "nifti":
+            write_array(path, labels, geometry, into=into)
+        elif fmt == "seg-nrrd":
+            write_seg_nrrd(into.add(path, suffix=".seg.nrrd"), labels, legend, geometry)
+        elif fmt == "dicom-seg":
+            write_dicom_seg(into.add(path, suffix=".dcm"), labels, legend, geometry, model=self.model_name, task=key)
+        else:
+            write_rtstruct(into.add(path, suffix=".dcm"), labels, legend, geometry, model=self.model_name, task=key)
+
+    @staticmethod
+    def _label_records(label_map: np.ndarray, legend: list[Label], geometry: Geometry, intensity: np.ndarray | None,
+                       outputs: OutputOptions, path: Path | None) -> list[dict[str, Any]]:
+        records = label_statistics(Prediction(label_map, legend), geometry)
+        if outputs.statistics and intensity is not None:
+            stats = label_intensities(intensity, label_map, geometry, [r["value"] for r in records])
+            for record in records:
+                record["statistics"] = stats[record["value"]]
+        if path is not None:
+            for record in records:
+                record["output"] = str(path)
+        return records
 
 
 @dataclass
@@ -345,6 +443,7 @@ class PreparedCase:
     geometry: Geometry
     inputs: NetworkInputs
     started: float
+    intensity: np.ndarray | None = None  # channel 0 as read, for statistics and previews
 
 
 def _gib(size: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class Geometry:
     direction: tuple[float, ...]
     affine: Any = None
     header: Any = None
+    dicom_files: tuple[str, ...] = ()  # a DICOM series' slice files, in the order of array axis 0
 
     def same_grid(self, other: Geometry) -> bool:
         return (self.shape == other.shape and np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=1e-5)
@@ -263,7 +264,7 @@ def _read_dicom_series(path: Path, *, allow_gaps: bool) -> tuple[np.ndarray, Geo
             raise ImageError(f"{path}: {problem}; pass --allow-gaps to segment it on an evenly spaced grid anyway")
         log.warning("%s: %s; segmenting it anyway (--allow-gaps) on an evenly spaced grid of %g mm", path, problem,
                     image.GetSpacing()[2])
-    return _sitk_array(path, image), _sitk_geometry(path, image)
+    return _sitk_array(path, image), replace(_sitk_geometry(path, image), dicom_files=tuple(files))
 
 
 _POSITION, _ORIENTATION = "0020|0032", "0020|0037"  # Image Position / Orientation (Patient)

@@ -1,0 +1,139 @@
+"""DICOM outputs that point back at the series they segment: Segmentation (highdicom) and RT
+Structure Set (rt-utils).
+
+highdicom is the maintained implementation of the DICOM SEG IOD (TotalSegmentator, MONAI Deploy and
+MONAI Label write with it); rt-utils turns masks into per-slice contours, which an RTSTRUCT must hold
+and highdicom does not write. Frame ``k`` of the label map is slice ``k`` of the series as the reader
+stacked it (``Geometry.dicom_files``), so every frame references its own source image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniseg_cli import __version__
+from uniseg_cli.errors import UnisegError
+from uniseg_cli.io.images import Geometry
+from uniseg_cli.tasks import Code
+
+INSTALL_HINT = "pip install 'uniseg-cli[dicom]'"
+
+
+def _need(module: str, fmt: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UnisegError(f"--output-format {fmt} needs the {module.split('.')[0]} package: {INSTALL_HINT}") from None
+
+
+def _sources(geometry: Geometry) -> list[Any]:
+    import pydicom
+
+    if not geometry.dicom_files:
+        raise UnisegError(f"{geometry.source}: not a DICOM series; DICOM outputs reference their source images")
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in geometry.dicom_files]
+    for path, ds in zip(geometry.dicom_files, sources):
+        missing = [name for name in REFERENCED if not str(ds.get(name, "") or "").strip()]
+        if missing:  # an object referencing empty UIDs would point at nothing in PACS
+            raise UnisegError(f"{path}: has no {', '.join(missing)} (anonymised without new UIDs?); a DICOM "
+                              "output must reference them")
+    return sources
+
+
+#: What a derived object references; anonymisers that blank them leave nothing to point at.
+REFERENCED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+def _present(labels: np.ndarray, legend: Sequence[Any]) -> list[Any]:
+    """The labels with voxels (a SEG segment or an ROI without any would be an empty promise); all of
+    them when the map is empty, so that the object still says what was looked for."""
+    counts = np.bincount(labels.ravel(), minlength=256)
+    present = [label for label in legend if counts[label.value] > 0]
+    return present or list(legend)
+
+
+def write_dicom_seg(path: Path, labels: np.ndarray, legend: Sequence[Any], geometry: Geometry, *,
+                    model: str, task: str) -> None:
+    """A binary DICOM Segmentation with one segment per label (segment numbers 1…N in legend order,
+    label name, SNOMED CT category/type, anatomic region for tumours, display colour)."""
+    hd = _need("highdicom", "dicom-seg")
+    from pydicom.sr.codedict import codes
+
+    sources = _sources(geometry)
+    segments = _present(labels, legend)
+    numbers = np.zeros(256, dtype=np.uint8)
+    for number, label in enumerate(segments, start=1):
+        numbers[label.value] = number
+    algorithm = hd.AlgorithmIdentificationSequence(name="UniSeg", family=codes.cid7162.ArtificialIntelligence,
+                                                   version=__version__, source=model)
+
+    def coded(code: Code) -> Any:
+        return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+    descriptions = []
+    for number, label in enumerate(segments, start=1):
+        terms = label.terms
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label.name,
+            segmented_property_category=coded(terms.category), segmented_property_type=coded(terms.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            tracking_uid=hd.UID(), tracking_id=f"{label.task}/{label.name}",
+            anatomic_regions=[coded(terms.region)] if terms.region is not None else None,
+            display_color=hd.color.CIELabColor.from_rgb(*terms.colour)))
+    frames = numbers[labels]
+    empty = not frames.any()
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=_series_number(sources),
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="uniseg",
+        manufacturer_model_name=f"UniSeg ({model})", software_versions=__version__, device_serial_number="none",
+        series_description=f"uniseg {task}"[:64], content_label="UNISEG", content_description=f"UniSeg {task}"[:64],
+        content_creator_name="uniseg^", omit_empty_frames=not empty)
+    seg.save_as(str(path))
+
+
+def write_rtstruct(path: Path, labels: np.ndarray, legend: Sequence[Any], geometry: Geometry, *,
+                   model: str, task: str) -> None:
+    """An RT Structure Set with one ROI per label (name, colour), contoured slice by slice."""
+    rt_utils = _need("rt_utils", "rtstruct")
+    sources = _sources(geometry)
+    folder = Path(geometry.source)
+    structure = rt_utils.RTStructBuilder.create_new(dicom_series_path=str(folder))
+    their_order = {str(ds.SOPInstanceUID): i for i, ds in enumerate(structure.series_data)}
+    try:
+        slots = [their_order[str(ds.SOPInstanceUID)] for ds in sources]
+    except KeyError:
+        raise UnisegError(f"{folder}: rt-utils read other slices than the series segmented") from None
+    for label in _present(labels, legend):
+        mask = np.zeros((labels.shape[1], labels.shape[2], len(structure.series_data)), dtype=bool)
+        for k, slot in enumerate(slots):
+            mask[:, :, slot] = labels[k] == label.value
+        structure.add_roi(mask=mask, color=list(label.terms.colour), name=label.name,
+                          description=f"UniSeg {task} ({model})"[:64], roi_generation_algorithm="AUTOMATIC")
+    ds, first = structure.ds, sources[0]
+    # what rt-utils leaves out and the IOD requires (dciodvfy): Type 2 study attributes, the frame of reference
+    ds.ReferringPhysicianName = first.get("ReferringPhysicianName", "")
+    ds.AccessionNumber = first.get("AccessionNumber", "")
+    ds.OperatorsName = ""
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    ds.SeriesDescription = f"uniseg {task}"[:64]
+    ds.StructureSetLabel = "UNISEG"
+    ds.Manufacturer = "uniseg"
+    ds.ManufacturerModelName = f"UniSeg ({model})"[:64]
+    ds.SoftwareVersions = __version__
+    ds.save_as(str(path))  # not structure.save(): it prints to stdout, which carries data only
+
+
+def _series_number(sources: Sequence[Any]) -> int:
+    """One above the source series' number, as scanners number derived series."""
+    try:
+        return int(sources[0].SeriesNumber) + 1000
+    except (AttributeError, TypeError, ValueError):
+        return 1000

@@ -1,0 +1,67 @@
+"""Intensity statistics inside each label, in the input's units (HU for CT), on the input's grid.
+
+Computed on channel 0 as it was read (no resampling, no normalisation), so that they agree with what
+a viewer shows; the bounding box is in LPS millimetres (voxel centres), as DICOM states positions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from uniseg_cli.io.images import Geometry
+
+STATISTICS = ("mean", "std", "median", "min", "max", "p5", "p95")
+
+
+def voxel_to_lps(geometry: Geometry, indices_zyx: np.ndarray) -> np.ndarray:
+    """LPS millimetres of voxel centres given as (z, y, x) index rows."""
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    ijk = np.asarray(indices_zyx, dtype=float)[:, ::-1] * np.asarray(geometry.spacing[::-1])
+    return ijk @ direction.T + np.asarray(geometry.origin)
+
+
+def label_intensities(intensity: np.ndarray, labels: np.ndarray, geometry: Geometry,
+                      values: Sequence[int]) -> dict[int, dict[str, Any] | None]:
+    """value → statistics of ``intensity`` (z, y, x) inside ``labels == value`` (None for an empty label)."""
+    result: dict[int, dict[str, Any] | None] = {}
+    for value in values:
+        mask = labels == value
+        if not mask.any():
+            result[value] = None
+            continue
+        inside = intensity[mask].astype(np.float64)
+        p5, median, p95 = np.percentile(inside, [5, 50, 95])
+        low = np.array([np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[[0, -1]]
+                        for axis in range(3)])                      # (axis, [first, last])
+        corners = np.array(np.meshgrid(*low, indexing="ij")).reshape(3, -1).T
+        lps = voxel_to_lps(geometry, corners)
+        result[value] = {
+            "mean": float(inside.mean()), "std": float(inside.std()), "median": float(median),
+            "min": float(inside.min()), "max": float(inside.max()), "p5": float(p5), "p95": float(p95),
+            "bbox_mm": {"min": [round(float(v), 3) for v in lps.min(axis=0)],
+                        "max": [round(float(v), 3) for v in lps.max(axis=0)]},
+        }
+    return result
+
+
+CSV_COLUMNS = ("case", "task", "value", "name", "voxels", "volume_ml", *STATISTICS,
+               "bbox_min_x", "bbox_min_y", "bbox_min_z", "bbox_max_x", "bbox_max_y", "bbox_max_z")
+
+
+def statistics_csv(records: Iterable[dict[str, Any]]) -> str:
+    """One row per case and label (from ``--json`` records with statistics), for spreadsheets."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for record in records:
+        for label in record.get("labels") or []:
+            stats = label.get("statistics") or {}
+            box = stats.get("bbox_mm") or {"min": [""] * 3, "max": [""] * 3}
+            writer.writerow([record["case"], label["task"], label["value"], label["name"], label["voxels"],
+                             label["volume_ml"], *(stats.get(s, "") for s in STATISTICS), *box["min"], *box["max"]])
+    return buffer.getvalue()
