@@ -243,6 +243,9 @@ def test_split_writes_one_map_per_task_in_its_own_numbering(run_cli, coarse_mode
     assert [(r["value"], r["task"], r["output"].rsplit("/", 1)[1]) for r in record["labels"]] == [
         (1, "liver", "example_ct_liver.nii.gz"), (2, "liver", "example_ct_liver.nii.gz"),
         (1, "spleen", "example_ct_spleen.nii.gz")]
+    code, stdout, _ = run_cli("predict", CT, "-t", "liver,spleen", "-m", coarse_model_dir, "-o", tmp_path, "--split",
+                              "--skip-existing", "--json")
+    assert code == 0 and json.loads(stdout)["skipped"] is True                # done: every task's map is there
     code, _, err = run_cli("predict", CT, "-t", "liver,spleen", "-m", coarse_model_dir, "-o", tmp_path / "x.nii.gz",
                            "--split")
     assert code == 2 and "--split writes one file per task; give a folder" in err
@@ -287,3 +290,10 @@ def test_without_the_dicom_extra_the_error_says_what_to_install(run_cli, coarse_
     assert code == 1 and err.strip().endswith("--output-format dicom-seg needs the highdicom package: "
                                               "pip install 'uniseg-cli[dicom]'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_into_the_input_series_folder_are_refused(run_cli, coarse_model_dir, series):
+    before = sorted(p.name for p in series.iterdir())
+    code, _, err = run_cli("predict", series, "-t", "liver", "-m", coarse_model_dir, "-o", series, "-f", "dicom-seg")
+    assert code == 2 and f"would be written into the input series folder {series}" in err
+    assert sorted(p.name for p in series.iterdir()) == before

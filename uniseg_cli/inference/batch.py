@@ -11,10 +11,10 @@ from pathlib import Path
 
 from uniseg_cli.errors import UnisegError, UsageError, first_line
 from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
-from uniseg_cli.inference.predictor import CaseResult, Prediction, PreparedCase, Segmenter
+from uniseg_cli.inference.predictor import ALL_TASKS, CaseResult, Prediction, PreparedCase, Segmenter
 from uniseg_cli.inference.sliding_window import WindowOptions
 from uniseg_cli.io.atomic import make_folder, write_text
-from uniseg_cli.outputs.formats import OutputOptions, check_options
+from uniseg_cli.outputs.formats import FORMATS, OutputOptions, check_options
 from uniseg_cli.outputs.statistics import statistics_csv as statistics_table
 from uniseg_cli.progress import on_terminal, stderr_progress
 
@@ -48,6 +48,9 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
                          "give --preview alone (each case gets <output>_preview.png)")
     segmenter = Segmenter(model, device=device, window=window, max_memory=max_memory)
     key = segmenter.task_key(task)
+    if outputs.split and skip_existing and key == ALL_TASKS:
+        raise UsageError("--skip-existing with --split needs a task list (the files a case gets from 'all' "
+                         "depend on its channels)")
     plan = [(case, output_path(case, key, output, single=single, fmt=outputs.formats[0])) for case in cases]
     for case, target in plan:
         refuse_overwriting_inputs(case, target)
@@ -67,7 +70,9 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, allow_gaps=allow_gaps,
                          outputs=outputs, emit=emit)
     with _Progress(enabled=on_terminal(progress)) as bar, pipeline:
-        skipped = {case.name for case, target in plan if skip_existing and target.exists()}
+        skipped = {case.name for case, target in plan
+                   if skip_existing and all(path.exists() for path in _finished_when(case, target, key, segmenter,
+                                                                                      outputs))}
         todo = [(case, target) for case, target in plan if case.name not in skipped]
         pipeline.prefetch(todo[0] if todo else None)
         upcoming = iter(todo[1:])
@@ -178,6 +183,14 @@ class _Pipeline:
             log.debug("%s failed", case.name, exc_info=(type(exc), exc, exc.__traceback__))
         print(f"Error: {message}", file=sys.stderr)
         return CaseResult.of(case, self.key, error=message)
+
+
+def _finished_when(case: Case, target: Path, key: str, segmenter: Segmenter, outputs: OutputOptions) -> list[Path]:
+    """The files whose existence means a case was done: its label map, or with ``--split`` each task's."""
+    if not outputs.split:
+        return [target]
+    ending = FORMATS[outputs.formats[0]]
+    return [target.with_name(f"{case.name}_{task.key}{ending}") for task in segmenter.subset(key)]
 
 
 def _finished(value: object) -> Future:

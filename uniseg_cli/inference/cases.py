@@ -152,8 +152,13 @@ def output_path(case: Case, task_key: str, output: Path | None, *, single: bool,
 
 
 def refuse_overwriting_inputs(case: Case, output: Path) -> None:
-    """An output path that is one of the case's inputs is a usage error, caught before any work."""
+    """An output path that is one of the case's inputs, or lies inside an input DICOM series folder (the
+    next read of the series would find the outputs among its slices), is a usage error, caught before
+    any work."""
     target = output.resolve()
     for channel in case.channels:
         if channel.resolve() == target:
             raise UsageError(f"{output}: the output would overwrite the input")
+        if channel.is_dir() and channel.resolve() in target.parents:  # a DICOM series folder
+            raise UsageError(f"{output}: would be written into the input series folder {channel}; "
+                             "give another output folder")

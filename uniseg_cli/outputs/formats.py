@@ -14,13 +14,6 @@ FORMATS: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm", "rtstruct": 
                            "seg-nrrd": ".seg.nrrd"}
 #: formats that reference the source DICOM series, so they need a DICOM input
 DICOM_FORMATS = ("dicom-seg", "rtstruct")
-#: what each is for, shown in --help and the README
-PURPOSE = {
-    "nifti": "label map image (NIfTI; -o FILE.nrrd/.mha for those), the input's exact grid",
-    "dicom-seg": "DICOM Segmentation referencing the series, for PACS and DICOM viewers",
-    "rtstruct": "DICOM RT Structure Set (contours), for radiotherapy planning systems",
-    "seg-nrrd": "3D Slicer segmentation (.seg.nrrd) with names, colours and terminology",
-}
 
 
 @dataclass(frozen=True)
