@@ -34,7 +34,7 @@ METRICS = ("dice", "hd95", "nsd")
 
 @dataclass(frozen=True)
 class LabelScore:
-    label: int
+    label: int | str  # a label value, or a region's name
     dice: float
     hd95: float | None
     nsd: float
@@ -83,14 +83,36 @@ def score_label(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence
     return LabelScore(label, dice, hd95, nsd, nr, np_)
 
 
-def evaluate_case(prediction: Path, reference: Path, *, labels: Sequence[int] | None, tolerance: float) -> CaseScores:
+Regions = Sequence[tuple[str, Sequence[int]]]
+
+
+def parse_regions(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``whole=1,2,3;core=2,3;enhancing=3`` → named regions (sets of label values)."""
+    regions = []
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        name, _, values = part.rpartition("=")
+        try:
+            region = tuple(sorted({int(v) for v in values.split(",") if v.strip()}))
+        except ValueError:
+            region = ()
+        if not name.strip() or not region or min(region) < 1:
+            raise UsageError(f"--regions {text!r}: expected NAME=V,V,…;NAME=V,… with label values ≥ 1, "
+                             "e.g. whole=1,2,3;core=2,3;enhancing=3")
+        regions.append((name.strip(), region))
+    if not regions:
+        raise UsageError(f"--regions {text!r}: no regions")
+    return regions
+
+
+def evaluate_case(prediction: Path, reference: Path, *, labels: Sequence[int] | None, tolerance: float,
+                  regions: Regions = ()) -> CaseScores:
     """Score one prediction file against its reference on the same grid."""
     pred, pred_geometry = read_label_map(prediction)
     ref, ref_geometry = read_label_map(reference)
     if not pred_geometry.same_grid(ref_geometry):
         raise UnisegError(f"{prediction}: not on the reference's grid: it {pred_geometry.difference(ref_geometry, str(reference))}")
     return score_arrays(_case_name(reference), str(prediction), str(reference), pred, ref, pred_geometry.spacing,
-                        labels, tolerance)
+                        labels, tolerance, regions=regions)
 
 
 def read_label_map(path: Path) -> tuple[np.ndarray, Geometry]:
@@ -110,10 +132,17 @@ def read_label_map(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 def score_arrays(case: str, prediction_name: str, reference_name: str, prediction: np.ndarray, reference: np.ndarray,
-                 spacing: Sequence[float], labels: Sequence[int] | None, tolerance: float) -> CaseScores:
-    """Score two label arrays on one grid (``labels`` default: every non-zero value in either)."""
-    chosen = list(labels) if labels else sorted((set(np.unique(reference)) | set(np.unique(prediction))) - {0})
+                 spacing: Sequence[float], labels: Sequence[int] | None, tolerance: float,
+                 regions: Regions = ()) -> CaseScores:
+    """Score two label arrays on one grid (``labels`` default: every non-zero value in either); with
+    ``regions``, each named region (the voxels holding any of its values) instead, as BraTS is scored."""
     scores = CaseScores(case, prediction_name, reference_name)
+    if regions:
+        for name, values in regions:
+            scores.labels.append(score_label(np.isin(prediction, values), np.isin(reference, values), spacing,
+                                             tolerance, name))
+        return scores
+    chosen = list(labels) if labels else sorted((set(np.unique(reference)) | set(np.unique(prediction))) - {0})
     for label in chosen:
         scores.labels.append(score_label(prediction == label, reference == label, spacing, tolerance, int(label)))
     return scores
@@ -155,8 +184,9 @@ def pair_files(prediction: Path, reference: Path) -> tuple[list[tuple[Path, Path
 
 
 def summarise(cases: Sequence[CaseScores]) -> dict[str, dict[str, dict[str, float | int | None]]]:
-    """Mean, standard deviation and count of each metric per label (undefined values left out)."""
-    labels = sorted({s.label for c in cases for s in c.labels})
+    """Mean, standard deviation and count of each metric per label or region (undefined values left out)."""
+    seen = list(dict.fromkeys(s.label for c in cases for s in c.labels))
+    labels = sorted(seen) if all(isinstance(label, int) for label in seen) else seen  # regions: in their order
     summary: dict[str, dict[str, dict[str, float | int | None]]] = {}
     for label in labels:
         scores = [s for c in cases for s in c.labels if s.label == label]
@@ -172,15 +202,15 @@ def summarise(cases: Sequence[CaseScores]) -> dict[str, dict[str, dict[str, floa
 
 
 def evaluate(prediction: str | Path, reference: str | Path, *, labels: Sequence[int] | None = None,
-             tolerance: float = 1.0) -> dict[str, Any]:
+             tolerance: float = 1.0, regions: Regions = ()) -> dict[str, Any]:
     """Every case and the summary, as the JSON ``uniseg evaluate --json`` prints."""
     if not tolerance > 0:
         raise UsageError(f"--tolerance must be positive (mm), got {tolerance}")
     pairs, unmatched = pair_files(Path(prediction), Path(reference))
     for path in unmatched:
         log.warning("%s: no reference for this prediction in %s; not scored", path, reference)
-    return report([evaluate_case(p, r, labels=labels, tolerance=tolerance) for p, r in pairs], tolerance,
-                  unmatched=unmatched)
+    return report([evaluate_case(p, r, labels=labels, tolerance=tolerance, regions=regions) for p, r in pairs],
+                  tolerance, unmatched=unmatched)
 
 
 def report(cases: Sequence[CaseScores], tolerance: float, *, unmatched: Sequence[Path] = ()) -> dict[str, Any]:

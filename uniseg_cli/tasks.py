@@ -48,7 +48,12 @@ class Task:
 
     ``id`` is the index of the task's prompt channel in the network; ``labels`` are the foreground
     classes in output order (class 0 is always background), so the task uses the first
-    ``len(labels) + 1`` of the network's output channels.
+    ``len(labels) + 1`` of the network's output channels, through a softmax.
+
+    A region task (nnU-Net v2's region-based training, for nested structures such as whole tumour ⊃
+    tumour core ⊃ enhancing tumour) has ``regions``: the classes each region holds. It uses one output
+    channel per region through a sigmoid; the label map writes class ``region_order[i]`` where region
+    ``i`` is predicted, later regions over earlier ones (nnU-Net's ``regions_class_order``).
     """
 
     id: int
@@ -58,11 +63,34 @@ class Task:
     labels: tuple[str, ...]
     target_spacing: tuple[float, float, float]
     aliases: tuple[str, ...] = field(default=())
+    regions: tuple[tuple[int, ...], ...] = field(default=())
+    region_order: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if bool(self.regions) != bool(self.region_order):
+            raise ConfigError(f"task {self.key!r}: regions and region_order come together")
+        if self.regions:
+            n = len(self.labels)
+            if len(self.regions) != n or sorted(self.region_order) != list(range(1, n + 1)):
+                raise ConfigError(f"task {self.key!r}: {len(self.regions)} region(s) for {n} label(s); region_order "
+                                  f"must write each class 1…{n} once, got {list(self.region_order)}")
+            if any(not r or not set(r) <= set(range(1, n + 1)) for r in self.regions):
+                raise ConfigError(f"task {self.key!r}: every region must hold classes among 1…{n}")
 
     @property
     def num_classes(self) -> int:
-        """Output channels the task uses, background included."""
+        """Output channels the task's softmax uses, background included (a region task: regions + 1)."""
         return len(self.labels) + 1
+
+    @property
+    def outputs(self) -> int:
+        """Network output channels the task reads: its classes with background, or one per region."""
+        return len(self.regions) if self.regions else self.num_classes
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        """Region ``i`` is named like the class it writes (``labels[region_order[i] - 1]``)."""
+        return tuple(self.labels[c - 1] for c in self.region_order)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -89,6 +117,8 @@ class Task:
             ],
             "labels": list(self.labels),
             "target_spacing": list(self.target_spacing),
+            **({"regions": [list(r) for r in self.regions], "region_order": list(self.region_order)}
+               if self.regions else {}),
         }
 
     @classmethod
@@ -96,7 +126,7 @@ class Task:
         """Parse one task of ``config.json``; unknown keys and wrong types are ConfigErrors."""
         where = f"task {data.get('key', data.get('id', '?'))!r}"
         _check_keys(data, required={"id", "key", "name", "channels", "labels", "target_spacing"},
-                    optional={"aliases"}, where=where)
+                    optional={"aliases", "regions", "region_order"}, where=where)
         channels = []
         for raw in _typed(data["channels"], list, where, "channels"):
             _check_keys(raw, required={"name", "modality", "normalization"}, optional={"window"},
@@ -116,6 +146,10 @@ class Task:
             channels=tuple(channels),
             labels=tuple(_typed(v, str, where, "label") for v in _typed(data["labels"], list, where, "labels")),
             target_spacing=_float_tuple(data["target_spacing"], 3, where, "target_spacing"),
+            regions=tuple(tuple(_typed(c, int, where, "region class") for c in _typed(r, list, where, "region"))
+                          for r in _typed(data.get("regions", []), list, where, "regions")),
+            region_order=tuple(_typed(c, int, where, "region_order entry")
+                               for c in _typed(data.get("region_order", []), list, where, "region_order")),
         )
 
 

@@ -5,6 +5,9 @@ already knows (``kidney=./Dataset001_KiTS``: its channels, spacing and classes) 
 from the dataset (its channel names, labels and median spacing). The foreground labels are taken in
 the order ``dataset.json`` lists them and become the task's classes 1, 2, …; so a BraTS dataset
 listing ``edema: 2, non-enhancing: 1, enhancing: 4`` maps 2→1, 1→2, 4→3 as docs/pipeline.md §2 asks.
+A region dataset (nnU-Net v2: label values that are lists, plus ``regions_class_order``) becomes a
+region task: its label values in increasing order are the classes, each named after the region that
+writes it.
 
 Plain data and numpy; the integrity check reads every file before any pre-processing starts.
 """
@@ -54,6 +57,8 @@ class Dataset:
     channel_names: tuple[str, ...]
     labels: tuple[tuple[str, int], ...]
     cases: tuple[TrainingCase, ...]
+    regions: tuple[tuple[int, ...], ...] = ()   # a region dataset: the label values of each region
+    region_order: tuple[int, ...] = ()          # nnU-Net's regions_class_order (label values)
 
     @property
     def label_values(self) -> tuple[int, ...]:
@@ -106,14 +111,46 @@ def _channel_names(raw: Any, where: Path, key: str) -> tuple[str, ...]:
     return tuple(str(raw[k]) for k in order)
 
 
+def _label_value(name: str, value: Any, where: Path) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
+        raise DatasetError(f"{where}: label {name!r} must be an integer 0…255, got {value!r}")
+    return value
+
+
+def _regions(pairs: list[tuple[str, Any]], order: Any, where: Path) -> tuple[tuple[tuple[str, int], ...],
+                                                                             tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """nnU-Net v2 regions: ``labels`` name → value or list of values, ``regions_class_order`` the value
+    written for each region. Every written value must come from exactly one region, so that each class of
+    the label map is named after the region that writes it."""
+    regions, names = [], []
+    for name, value in pairs:
+        values = value if isinstance(value, list) else [value]
+        values = [_label_value(name, v, where) for v in values]
+        if values == [0]:
+            continue
+        if not values or 0 in values:
+            raise DatasetError(f"{where}: region {name!r} must list foreground values, got {value!r}")
+        regions.append(tuple(sorted(set(values))))
+        names.append(name)
+    if not isinstance(order, list) or len(order) != len(regions):
+        raise DatasetError(f"{where}: regions_class_order must list one label value per region "
+                           f"({len(regions)}: {', '.join(names)}), got {order!r}")
+    order = [_label_value("regions_class_order", v, where) for v in order]
+    union = sorted({v for r in regions for v in r})
+    if sorted(order) != union:
+        raise DatasetError(f"{where}: regions_class_order {order} must write each label value of the regions "
+                           f"({union}) once")
+    labels = tuple(sorted(((names[order.index(v)], v) for v in union), key=lambda pair: pair[1]))
+    return labels, tuple(regions), tuple(order)
+
+
 def _foreground(pairs: list[tuple[str, Any]], where: Path) -> tuple[tuple[str, int], ...]:
     labels = []
     for name, value in pairs:
         if isinstance(value, list):
-            raise DatasetError(f"{where}: label {name!r} is a region (list of values); region-based "
-                               "training is not supported")
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
-            raise DatasetError(f"{where}: label {name!r} must be an integer 0…255, got {value!r}")
+            raise DatasetError(f"{where}: label {name!r} is a region (list of values); a region dataset needs "
+                               "regions_class_order (nnU-Net v2)")
+        value = _label_value(name, value, where)
         if value != 0:
             labels.append((name, value))
     values = [v for _, v in labels]
@@ -129,7 +166,12 @@ def _read_nnunet(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
     raw_labels = meta.get("labels")
     if not isinstance(raw_labels, dict):
         raise DatasetError(f"{where}: labels must be an object name → value")
-    labels = _foreground(list(raw_labels.items()), where)
+    regions: tuple[tuple[int, ...], ...] = ()
+    order: tuple[int, ...] = ()
+    if "regions_class_order" in meta:
+        labels, regions, order = _regions(list(raw_labels.items()), meta["regions_class_order"], where)
+    else:
+        labels = _foreground(list(raw_labels.items()), where)
     ending = meta["file_ending"]
     images, label_dir = root / "imagesTr", root / "labelsTr"
     if not label_dir.is_dir():
@@ -142,7 +184,7 @@ def _read_nnunet(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
     if not cases:
         raise DatasetError(f"{label_dir}: no label files ending in {ending}")
     _check_images_labelled(images, ending, {c.name for c in cases}, len(channels), label_dir)
-    return Dataset(root, "nnU-Net v2", channels, labels, tuple(cases))
+    return Dataset(root, "nnU-Net v2", channels, labels, tuple(cases), regions, order)
 
 
 def _check_images_labelled(images: Path, ending: str, labelled: set[str], channels: int, label_dir: Path) -> None:
@@ -201,8 +243,16 @@ def attach_task(spec: str, dataset: Dataset, known: Sequence[Task], spacing: tup
     ``spacing`` (the dataset's median) is the target spacing of a new task.
     """
     key = known_key(spec, known)
+    classes = {value: index for index, (_, value) in enumerate(dataset.labels, start=1)}
+    regions = tuple(tuple(sorted(classes[v] for v in region)) for region in dataset.regions)
+    order = tuple(classes[v] for v in dataset.region_order)
     if key is not None:
         task = resolve_task(key, known)
+        if (task.regions, task.region_order) != (regions, order):
+            what = "regions" if dataset.regions else "plain labels"
+            raise DatasetError(f"{dataset.root}: the dataset has {what}, task {task.key!r} "
+                               f"{'other regions' if task.regions and dataset.regions else 'does not'}; "
+                               "train it as a new task (give a new name: NAME=FOLDER)")
         if len(task.channels) != len(dataset.channel_names):
             raise DatasetError(
                 f"{dataset.root}: task {task.key!r} takes {len(task.channels)} channel(s) "
@@ -216,7 +266,8 @@ def attach_task(spec: str, dataset: Dataset, known: Sequence[Task], spacing: tup
     if not _KEY.match(spec):
         raise UsageError(f"new task name {spec!r}: use lower-case letters, digits and _ (e.g. liver_ct)")
     return Task(id=0, key=spec, name=spec.replace("_", " "), channels=tuple(channel_for(c) for c in dataset.channel_names),
-                labels=tuple(name for name, _ in dataset.labels), target_spacing=spacing)
+                labels=tuple(name for name, _ in dataset.labels), target_spacing=spacing, regions=regions,
+                region_order=order)
 
 
 def known_key(spec: str, known: Sequence[Task]) -> str | None:

@@ -260,23 +260,28 @@ EXPORT_SLAB_BYTES = 256 * 2**20
 
 
 def labels_from_probabilities(probabilities: torch.Tensor, info: CropInfo, *, keep: bool = False,
-                              slab_bytes: int = EXPORT_SLAB_BYTES) -> tuple[torch.Tensor, np.ndarray | None]:
+                              slab_bytes: int = EXPORT_SLAB_BYTES,
+                              region_order: Sequence[int] = ()) -> tuple[torch.Tensor, np.ndarray | None]:
     """Labels (uint8, cropped original grid) from probabilities at the target spacing, slab by slab.
 
     Resampling all classes to the original grid at once needs ``classes × voxels × 4`` bytes (1.9 GB
     for three classes of a 512×512×600 CT); here only slabs of at most ``slab_bytes`` along the first
     axis exist at a time. The interpolation is the same as ``resample_probabilities``: linear along
     the first axis (nearest when it is the separately handled axis), bilinear in-plane. ``keep`` also
-    returns the float16 probabilities on the original grid (for ``--save-probabilities``).
+    returns the float16 probabilities on the original grid (for ``--save-probabilities``). With
+    ``region_order`` the probabilities are a region task's sigmoids: see ``labels_from_regions``.
     """
     import torch
     import torch.nn.functional as F
+
+    def decide(p: torch.Tensor) -> torch.Tensor:
+        return labels_from_regions(p, region_order) if region_order else argmax_classes(p)
 
     shape = info.cropped_shape
     axis = info.separate_axis
     if axis not in (None, 0) or tuple(probabilities.shape[1:]) == shape:
         full = resample_probabilities(probabilities, info)
-        return argmax_classes(full), (full.half().cpu().numpy() if keep else None)
+        return decide(full), (full.half().cpu().numpy() if keep else None)
     classes, size_in = probabilities.shape[0], probabilities.shape[1]
     labels = torch.empty(shape, dtype=torch.uint8, device=probabilities.device)
     kept = np.empty((classes, *shape), dtype=np.float16) if keep else None
@@ -298,10 +303,21 @@ def labels_from_probabilities(probabilities: torch.Tensor, info: CropInfo, *, ke
             slab = slab * (1 - w) + probabilities.index_select(1, upper[start:stop]) * w
         if slab.shape[2:] != shape[1:]:
             slab = F.interpolate(slab, size=shape[1:], mode="bilinear", align_corners=False)
-        labels[start:stop] = argmax_classes(slab)
+        labels[start:stop] = decide(slab)
         if kept is not None:
             kept[:, start:stop] = slab.half().cpu().numpy()
     return labels, kept
+
+
+def labels_from_regions(probabilities: torch.Tensor, region_order: Sequence[int]) -> torch.Tensor:
+    """Region probabilities → classes as nnU-Net v2 does: class ``region_order[i]`` where region ``i``'s
+    probability exceeds 0.5, later regions over earlier ones (the inner region of a nested set wins)."""
+    import torch
+
+    labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8, device=probabilities.device)
+    for region, value in enumerate(region_order):
+        labels[probabilities[region] > 0.5] = value
+    return labels
 
 
 def argmax_classes(probabilities: torch.Tensor) -> torch.Tensor:

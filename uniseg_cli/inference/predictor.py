@@ -23,7 +23,7 @@ from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.inference.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
 from uniseg_cli.inference.runtime import resolve_precision
-from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
+from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
 from uniseg_cli.io.atomic import AtomicFiles, atomic_files, make_folder
 from uniseg_cli.io.images import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
@@ -242,12 +242,14 @@ class Segmenter:
             slab_bytes = self._memory_budget(x, group, info, inputs.shape)
             tensor = x.to(self.device)
             with torch.inference_mode():
-                outputs = self._window(tensor, [(t.id, t.num_classes) for t in group], on_progress)
+                outputs = self._window(tensor, heads(group), on_progress)
                 for task_, probs in zip(group, outputs):
-                    labels_t, p = labels_from_probabilities(probs, info, keep=probabilities, slab_bytes=slab_bytes)
+                    labels_t, p = labels_from_probabilities(probs, info, keep=probabilities, slab_bytes=slab_bytes,
+                                                            region_order=task_.region_order)
                     labels = uncrop(labels_t.cpu().numpy(), info)
                     if p is not None:
-                        saved[task_.key] = uncrop(p, info, fill_first=1)
+                        # outside the crop: background certain; no region there
+                        saved[task_.key] = uncrop(p, info, fill_first=None if task_.regions else 1)
                     del probs, labels_t, p
                     if split:
                         per_task[task_.key] = labels
@@ -266,7 +268,7 @@ class Segmenter:
         if self.max_memory is None:
             return EXPORT_SLAB_BYTES
         padded = int(np.prod([max(s, p) for s, p in zip(x.shape[1:], self.model.config.patch_size)]))
-        classes = sum(t.num_classes for t in group)
+        classes = sum(t.outputs for t in group)
         needed = (x.numel() * x.element_size()              # the network input
                   + (classes + 1) * padded * 4              # float32 accumulators and weights
                   + 2 * int(np.prod(shape)))                # the uint8 label map and the merged map
@@ -278,7 +280,7 @@ class Segmenter:
         row = classes * int(np.prod(info.cropped_shape[1:])) * 4
         return max(row, min(EXPORT_SLAB_BYTES, self.max_memory - needed))
 
-    def _window(self, tensor: torch.Tensor, tasks: list[tuple[int, int]],
+    def _window(self, tensor: torch.Tensor, tasks: list[tuple[int, int, bool]],
                 on_progress: Callable[[int, int], None] | None) -> list[torch.Tensor]:
         """The sliding window; if the accelerator runs out of memory for the accumulation, the case is
         redone with the accumulation (not the network) on the CPU, with a warning."""

@@ -19,6 +19,7 @@ import torch
 from uniseg_cli.inference.runtime import precision_context, resolve_precision
 from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
+from uniseg_cli.tasks import Task
 
 MIRROR_AXES = (2, 3, 4)  # z, y, x of a (batch, channels, z, y, x) tensor
 
@@ -93,15 +94,22 @@ class WindowOptions:
     precision: str = "auto"
 
 
-def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, int]],
+def heads(tasks: Sequence[Task]) -> list[tuple[int, int, bool]]:
+    """What the window reads per task: (prompt index, output channels, sigmoid for a region task)."""
+    return [(t.id, t.outputs, bool(t.regions)) for t in tasks]
+
+
+def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, ...]],
                    options: WindowOptions = WindowOptions(),
                    on_progress: Callable[[int, int], None] | None = None,
                    accumulate_on: torch.device | None = None) -> list[torch.Tensor]:
-    """Class probabilities of each ``(task index, classes)`` for a pre-processed ``(c, z, y, x)`` tensor.
+    """Class probabilities of each ``(task index, classes[, sigmoid])`` for a pre-processed ``(c, z, y, x)``
+    tensor (``heads(tasks)`` gives them).
 
     Returns one ``(classes, z, y, x)`` float32 tensor per task on ``accumulate_on`` (default: ``data``'s
     device, where the network runs): the softmax over all network outputs, averaged over mirrors,
-    Gaussian-weighted over tiles, restricted to the task's first ``classes`` channels.
+    Gaussian-weighted over tiles, restricted to the task's first ``classes`` channels; for a region
+    task (``sigmoid``) each of its first ``classes`` outputs through a sigmoid instead.
     ``on_progress(done, total)`` counts network passes over one tile (tiles × mirrors), so that a bar
     moves every few seconds even when one tile's 8 mirrored passes take a minute on a CPU.
     """
@@ -111,7 +119,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
     precision = resolve_precision(options.precision, device)
     results = accumulate_on or device
     gaussian = _gaussian_on(tuple(patch), torch.device(results))
-    sums = [torch.zeros((k, *padded.shape[1:]), dtype=torch.float32, device=results) for _, k in tasks]
+    sums = [torch.zeros((head[1], *padded.shape[1:]), dtype=torch.float32, device=results) for head in tasks]
     weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=results)
     corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
     mirrors = [()] + [m for r in (1, 2, 3) for m in itertools.combinations(MIRROR_AXES, r)] if options.mirror else [()]
@@ -137,18 +145,22 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
     return [total[(slice(None), *crop)] / weights for total in sums]
 
 
-def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[int, int]],
+def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[int, ...]],
                         mirrors: Sequence[tuple[int, ...]], mirror_done: Callable[[int], None]) -> list[torch.Tensor]:
-    """Mirror-averaged softmax of each task for a batch of tiles; ``mirror_done(tiles)`` after each mirror.
+    """Mirror-averaged softmax (sigmoid for region tasks) of each task for a batch of tiles;
+    ``mirror_done(tiles)`` after each mirror.
 
     The encoder and the prompt fusion run once per mirror; only the decoder runs per task.
     """
-    results = [torch.zeros((x.shape[0], k, *x.shape[2:]), dtype=torch.float32, device=x.device) for _, k in tasks]
+    results = [torch.zeros((x.shape[0], head[1], *x.shape[2:]), dtype=torch.float32, device=x.device)
+               for head in tasks]
     for axes in mirrors:
         features = model.encode(torch.flip(x, axes) if axes else x)
         maps = model.task_maps(features[-1])
-        for result, (task, classes) in zip(results, tasks):
-            probabilities = torch.softmax(model.decode(features, task, maps).float(), dim=1)[:, :classes]
+        for result, (task, classes, *sigmoid) in zip(results, tasks):
+            logits = model.decode(features, task, maps).float()
+            probabilities = (torch.sigmoid(logits[:, :classes]) if sigmoid and sigmoid[0]
+                             else torch.softmax(logits, dim=1)[:, :classes])
             result += torch.flip(probabilities, axes) if axes else probabilities
         mirror_done(x.shape[0])
     if len(mirrors) > 1:

@@ -227,8 +227,10 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
         prediction = segmenter.predict_array(image, geometry.spacing, data.task.key,
                                              axis_world=geometry.array_axis_world(), source=props["channels"][0])
         reference = label_classes(read_image(props["label"])[0][0], data.label_values)
+        task = data.task  # a region task is scored per region, as nnU-Net and BraTS score it
         cases.append(score_arrays(name, props["channels"][0], props["label"], prediction.labels, reference,
-                                  geometry.spacing, list(range(1, data.task.num_classes)), tolerance))
+                                  geometry.spacing, list(range(1, task.num_classes)), tolerance,
+                                  regions=list(zip(task.region_names, task.regions))))
         log.info("held-out %s: Dice %s", name, ", ".join(f"{s.label}: {s.dice:.3f}" for s in cases[-1].labels))
     result = report(cases, tolerance)
     result["labels"] = {str(i): label for i, label in enumerate(data.task.labels, start=1)}

@@ -1,4 +1,6 @@
-"""The training loss (docs/pipeline.md §5): soft Dice + cross-entropy on the task's classes, deep supervision."""
+"""The training loss (docs/pipeline.md §5): soft Dice + cross-entropy on the task's classes, deep supervision;
+for region tasks soft Dice + binary cross-entropy on one sigmoid output per region (nnU-Net v2's
+DC_and_BCE_loss)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from uniseg_cli.tasks import Task
 
 DICE_SMOOTH = 1e-5
 
@@ -36,7 +40,35 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, classes: int) -> to
     return ce - dice.mean()
 
 
-def deep_supervision_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, classes: int) -> torch.Tensor:
+def region_masks(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, Z, Y, X) classes → (B, regions, Z, Y, X) float masks: a voxel is in a region if its class is."""
+    return torch.stack([torch.isin(target, torch.tensor(list(r), device=target.device)) for r in regions],
+                       dim=1).float()
+
+
+def region_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Binary cross-entropy plus negative batch soft Dice over the regions, each its own sigmoid output
+    (the first ``len(regions)`` logits), as nnU-Net v2 trains region datasets."""
+    logits = logits[:, :len(regions)].float()
+    masks = region_masks(target, regions)
+    bce = F.binary_cross_entropy_with_logits(logits, masks)
+    probabilities = torch.sigmoid(logits)
+    axes = (0, *range(2, logits.ndim))
+    tp = (probabilities * masks).sum(axes)
+    fp = (probabilities * (1 - masks)).sum(axes)
+    fn = ((1 - probabilities) * masks).sum(axes)
+    dice = (2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)
+    return bce - dice.mean()
+
+
+def task_loss(logits: torch.Tensor, target: torch.Tensor, task: Task) -> torch.Tensor:
+    """The loss of one output of ``task``: regions or softmax classes."""
+    if task.regions:
+        return region_dice_bce_loss(logits, target, task.regions)
+    return dice_ce_loss(logits, target, task.num_classes)
+
+
+def deep_supervision_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, task: Task) -> torch.Tensor:
     """Weighted sum over the network's outputs (finest first) against the target downsampled by
     nearest neighbour to each output's size."""
     weights = deep_supervision_weights(len(outputs))
@@ -46,5 +78,5 @@ def deep_supervision_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,
             continue
         scaled = target if output.shape[2:] == target.shape[1:] else \
             F.interpolate(target[:, None].float(), size=output.shape[2:], mode="nearest")[:, 0].long()
-        total = total + weight * dice_ce_loss(output, scaled, classes)
+        total = total + weight * task_loss(output, scaled, task)
     return total

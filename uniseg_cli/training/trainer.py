@@ -35,7 +35,7 @@ from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.data.training_cache import TaskData, read_plan
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
+from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
 from uniseg_cli.io.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.io.jsonfile import read_json
 from uniseg_cli.model.files import save_model, write_weights
@@ -491,7 +491,7 @@ def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         outputs = network(images, task.id)
-        loss = deep_supervision_loss(outputs, labels, task.num_classes)
+        loss = deep_supervision_loss(outputs, labels, task)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
@@ -503,8 +503,9 @@ def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: to
 @torch.no_grad()
 def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Sequence[str]],
                     device: torch.device) -> dict[str, dict[str, float | None]]:
-    """Dice per task and class over the held-out cases (voxel counts summed over cases), from the
-    sliding window of ``predict`` without mirroring, at the pre-processed resolution.
+    """Dice per task and class (per region for a region task) over the held-out cases (voxel counts
+    summed over cases), from the sliding window of ``predict`` without mirroring, at the pre-processed
+    resolution.
 
     A class absent from both prediction and reference in every case has no Dice (None).
     """
@@ -514,22 +515,26 @@ def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Se
         result = {}
         for data, names in zip(tasks, cases):
             task = data.task
-            tp = np.zeros(task.num_classes)
-            fp = np.zeros(task.num_classes)
-            fn = np.zeros(task.num_classes)
+            names_scored = task.region_names if task.regions else task.labels
+            tp, fp, fn = (np.zeros(len(names_scored)) for _ in range(3))
             for name in names:
                 image = torch.from_numpy(np.array(data.image(name))).to(device)
-                probabilities = sliding_window(model, image, [(task.id, task.num_classes)], window)[0]
-                predicted = probabilities.argmax(0).cpu().numpy()
+                probabilities = sliding_window(model, image, heads([task]), window)[0]
                 reference = np.asarray(data.labels(name))
-                for c in range(1, task.num_classes):
-                    p, r = predicted == c, reference == c
-                    tp[c] += np.count_nonzero(p & r)
-                    fp[c] += np.count_nonzero(p & ~r)
-                    fn[c] += np.count_nonzero(~p & r)
+                if task.regions:
+                    predicted_masks = (probabilities > 0.5).cpu().numpy()
+                    reference_masks = [np.isin(reference, r) for r in task.regions]
+                else:
+                    predicted = probabilities.argmax(0).cpu().numpy()
+                    predicted_masks = [predicted == c for c in range(1, task.num_classes)]
+                    reference_masks = [reference == c for c in range(1, task.num_classes)]
+                for i, (p, r) in enumerate(zip(predicted_masks, reference_masks)):
+                    tp[i] += np.count_nonzero(p & r)
+                    fp[i] += np.count_nonzero(p & ~r)
+                    fn[i] += np.count_nonzero(~p & r)
             result[task.key] = {
-                label: (round(float(2 * tp[c] / (2 * tp[c] + fp[c] + fn[c])), 6) if tp[c] + fp[c] + fn[c] else None)
-                for c, label in enumerate(task.labels, start=1)
+                label: (round(float(2 * tp[i] / (2 * tp[i] + fp[i] + fn[i])), 6) if tp[i] + fp[i] + fn[i] else None)
+                for i, label in enumerate(names_scored)
             }
         return result
     finally:

@@ -1,0 +1,153 @@
+"""Region-based training (nnU-Net v2's regions): nested structures as sigmoid outputs, from dataset.json
+to predict and evaluate, on a region dataset made from the real CT (kidneys ⊃ left kidney); and the
+sampler's class coverage."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import CT, DATA
+
+REGIONS = {"background": 0, "kidneys": [1, 2], "left kidney": [2]}
+
+
+def write_region_dataset(root, *, labels=REGIONS, order=(1, 2), slabs=((0, 60), (26, 86), (52, 112))):
+    """Axial slabs of the real CT; right kidney 1, left kidney 2; declared as nested regions."""
+    ct = nib.load(CT)
+    seg = np.asarray(nib.load(DATA / "example_seg_fast_force_split.nii.gz").dataobj)
+    classes = np.select([seg == 2, seg == 3], [1, 2], 0).astype(np.uint8)   # TotalSegmentator: 2 right, 3 left
+    image = np.asarray(ct.dataobj)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i, (low, high) in enumerate(slabs):
+        affine = ct.affine.copy()
+        affine[:3, 3] = ct.affine[:3, :3] @ [0, 0, low] + ct.affine[:3, 3]
+        nib.save(nib.Nifti1Image(image[:, :, low:high].astype(np.int16), affine), root / f"imagesTr/ct{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(classes[:, :, low:high], affine), root / f"labelsTr/ct{i}.nii.gz")
+    meta = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(slabs), "file_ending": ".nii.gz"}
+    if order is not None:
+        meta["regions_class_order"] = list(order)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def region_dataset(tmp_path_factory):
+    return write_region_dataset(tmp_path_factory.mktemp("raw") / "Dataset010_KidneyRegions")
+
+
+@pytest.fixture(scope="module")
+def region_prep(region_dataset, tmp_path_factory):
+    from uniseg_cli.data.training_cache import preprocess_datasets
+
+    out = tmp_path_factory.mktemp("prep") / "prep"
+    preprocess_datasets([f"kidney_regions={region_dataset}"], out, workers=1, progress=False,
+                        target_spacing=(6.0, 6.0, 6.0))
+    return out
+
+
+def test_a_region_dataset_becomes_a_region_task(region_prep):
+    from uniseg_cli.data.training_cache import read_plan
+    from uniseg_cli.tasks import Task
+
+    (data,) = read_plan(region_prep)
+    task = data.task
+    assert task.labels == ("kidneys", "left kidney") and task.regions == ((1, 2), (2,)) and task.region_order == (1, 2)
+    assert task.outputs == 2 and task.region_names == ("kidneys", "left kidney")
+    assert Task.from_dict(task.to_dict()) == task                              # config.json carries the regions
+    assert set(np.unique(np.asarray(data.labels("ct1")))) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("labels, order, message", [
+    (REGIONS, None, "label 'kidneys' is a region (list of values); a region dataset needs regions_class_order"),
+    (REGIONS, (1,), "regions_class_order must list one label value per region (2: kidneys, left kidney)"),
+    (REGIONS, (2, 2), "regions_class_order [2, 2] must write each label value of the regions ([1, 2]) once"),
+    ({"background": 0, "kidneys": [0, 1]}, (1,), "region 'kidneys' must list foreground values"),
+])
+def test_malformed_regions_are_one_line(run_cli, tmp_path, labels, order, message):
+    root = write_region_dataset(tmp_path / "raw", labels=labels, order=order, slabs=((0, 60),))
+    code, _, err = run_cli("preprocess", "-d", f"r={root}", "-o", tmp_path / "prep")
+    assert code == 1 and f"{root / 'dataset.json'}: {message}" in err
+
+
+def test_region_loss_matches_a_hand_computation():
+    from uniseg_cli.training.loss import DICE_SMOOTH, region_dice_bce_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, 5, generator=generator)                  # 4 network outputs, 2 regions used
+    target = torch.randint(0, 3, (2, 3, 5, 5), generator=generator)
+    regions = ((1, 2), (2,))
+    masks = [((target == 1) | (target == 2)).float(), (target == 2).float()]
+    bce = np.mean([torch.nn.functional.binary_cross_entropy_with_logits(logits[:, i], m).item()
+                   for i, m in enumerate(masks)])
+    dice = []
+    for i, m in enumerate(masks):
+        p = torch.sigmoid(logits[:, i])
+        tp, fp, fn = (p * m).sum(), (p * (1 - m)).sum(), ((1 - p) * m).sum()
+        dice.append(((2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)).item())
+    assert float(region_dice_bce_loss(logits, target, regions)) == pytest.approx(bce - np.mean(dice), rel=1e-5)
+
+
+def test_regions_become_labels_in_region_order():
+    from uniseg_cli.data.preprocessing import labels_from_regions
+
+    probabilities = torch.tensor([[0.9, 0.9, 0.2, 0.6], [0.1, 0.7, 0.9, 0.4]])[..., None, None]  # 2 regions, 4 voxels
+    assert labels_from_regions(probabilities, (1, 2)).flatten().tolist() == [1, 2, 2, 1]  # the later region wins
+    assert labels_from_regions(probabilities, (2, 1)).flatten().tolist() == [2, 1, 1, 2]
+
+
+def test_train_predict_and_evaluate_a_region_task(run_cli, region_prep, tmp_path):
+    out = tmp_path / "model"
+    code, _, err = run_cli("train", region_prep, "-o", out, "--preset", "small", "--epochs", "2",
+                           "--batches-per-task", "2", "--val-every", "1", "--device", "cpu", "-j", "0")
+    assert code == 0, err
+    task = json.loads((out / "config.json").read_text())["tasks"][0]
+    assert task["regions"] == [[1, 2], [2]] and task["region_order"] == [1, 2]
+    records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert set(records[0]["dice"]["kidney_regions"]) == {"kidneys", "left kidney"}   # validated per region
+    code, stdout, err = run_cli("predict", CT, "-t", "kidney_regions", "-m", out, "-o", tmp_path / "pred.nii.gz",
+                                "--no-tta", "--save-probabilities", "npz", "--json", "-q")
+    assert code == 0, err
+    labels = np.asarray(nib.load(tmp_path / "pred.nii.gz").dataobj)
+    probabilities = np.load(tmp_path / "pred_probabilities.npz")["kidney_regions"].astype(np.float32)
+    assert probabilities.shape == (2, *labels.shape[::-1])                    # one sigmoid per region
+    expected = np.where(probabilities[1] > 0.5, 2, np.where(probabilities[0] > 0.5, 1, 0)).transpose(2, 1, 0)
+    assert np.mean(expected == labels) > 0.999                                 # float16 rounding at 0.5 aside
+    assert [(r["value"], r["name"]) for r in json.loads(stdout)["labels"]] == [(1, "kidneys"), (2, "left kidney")]
+
+    code, stdout, err = run_cli("evaluate", tmp_path / "pred.nii.gz", tmp_path / "pred.nii.gz", "--regions",
+                                "kidneys=1,2;left=2", "--json")
+    assert code == 0, err
+    scores = json.loads(stdout)["cases"][0]["labels"]
+    assert list(scores) == ["kidneys", "left"] and all(s["dice"] == 1.0 for s in scores.values())
+    code, _, err = run_cli("evaluate", tmp_path / "pred.nii.gz", tmp_path / "pred.nii.gz", "--regions", "kidneys=")
+    assert code == 2 and "expected NAME=V,V,…;NAME=V,…" in err
+
+
+def test_finetune_on_a_region_dataset_evaluates_regions(run_cli, small_model_dir, region_dataset, tmp_path):
+    out = tmp_path / "ft"
+    code, _, err = run_cli("finetune", region_dataset, "-m", small_model_dir, "-o", out, "--epochs", "1",
+                           "--batches-per-task", "2", "--target-spacing", "6,6,6", "--no-tta", "--device", "cpu",
+                           "-j", "0", "-q")
+    assert code == 0, err
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert list(evaluation["summary"]) == ["kidneys", "left kidney"]
+
+
+def test_foreground_samples_pick_each_class_present_equally_often(region_prep):
+    """The forced third of each batch picks a class uniformly before a voxel: the left and right kidney
+    are centred on about equally often although they differ in size."""
+    from uniseg_cli.data.training_cache import read_plan
+    from uniseg_cli.training.sampling import PatchBatches
+
+    data = read_plan(region_prep)
+    counts = np.asarray(data[0].labels("ct1"))
+    assert (counts == 1).sum() != (counts == 2).sum()
+    batches = PatchBatches(data, [["ct1"]], (16, 16, 16), 3, seed=0, spatial=None)
+    centres = [int(batches[(0, i, 0)]["labels"][2][8, 8, 8]) for i in range(400)]
+    frequencies = np.bincount(centres, minlength=3) / len(centres)
+    assert frequencies[0] == 0 and abs(frequencies[1] - 0.5) < 0.08 and abs(frequencies[2] - 0.5) < 0.08
