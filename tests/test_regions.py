@@ -109,6 +109,7 @@ def test_train_predict_and_evaluate_a_region_task(run_cli, region_prep, tmp_path
     assert task["regions"] == [[1, 2], [2]] and task["region_order"] == [1, 2]
     records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert set(records[0]["dice"]["kidney_regions"]) == {"kidneys", "left kidney"}   # validated per region
+    assert set(records[0]["train_dice"]["kidney_regions"]) == {"kidneys", "left kidney"}  # and logged per region
     code, stdout, err = run_cli("predict", CT, "-t", "kidney_regions", "-m", out, "-o", tmp_path / "pred.nii.gz",
                                 "--no-tta", "--save-probabilities", "npz", "--json", "-q")
     assert code == 0, err
@@ -151,3 +152,20 @@ def test_foreground_samples_pick_each_class_present_equally_often(region_prep):
     centres = [int(batches[(0, i, 0)]["labels"][2][8, 8, 8]) for i in range(400)]
     frequencies = np.bincount(centres, minlength=3) / len(centres)
     assert frequencies[0] == 0 and abs(frequencies[1] - 0.5) < 0.08 and abs(frequencies[2] - 0.5) < 0.08
+
+
+def test_a_prompted_model_mixes_region_and_softmax_tasks(run_cli, region_dataset, kidney_dataset, tmp_path):
+    from uniseg_cli.data.training_cache import preprocess_datasets
+
+    prep = tmp_path / "prep"
+    preprocess_datasets([f"kidney_slabs={kidney_dataset}", f"kidney_regions={region_dataset}"], prep, workers=1,
+                        progress=False, target_spacing=(6.0, 6.0, 6.0))
+    out = tmp_path / "model"
+    code, _, err = run_cli("train", prep, "-o", out, "--preset", "small", "--epochs", "1", "--batches-per-task", "2",
+                           "--device", "cpu", "-j", "0", "-q")
+    assert code == 0, err
+    code, stdout, err = run_cli("predict", CT, "-t", "kidney_slabs,kidney_regions", "-m", out, "-o", tmp_path / "p",
+                                "--no-tta", "--split", "--json", "-q")
+    assert code == 0, err
+    labels = {(r["task"], r["value"], r["name"]) for r in json.loads(stdout)["labels"]}
+    assert labels == {("kidney_slabs", 1, "kidney"), ("kidney_regions", 1, "kidneys"), ("kidney_regions", 2, "left kidney")}

@@ -146,7 +146,9 @@ def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequ
     for task, (_, dataset) in zip(tasks, datasets):
         log.info("task %s: %d case(s) from %s (%s), %d channel(s), labels %s, target spacing %s mm", task.key,
                  len(dataset.cases), dataset.root, dataset.format, len(task.channels),
-                 ", ".join(f"{v}→{i + 1} {n}" for i, (n, v) in enumerate(dataset.labels)),
+                 ", ".join(f"{v}→{i + 1} {n}" for i, (n, v) in enumerate(dataset.labels))
+                 + ("; regions " + ", ".join(f"{n} {list(r)}" for n, r in zip(task.region_names, task.regions))
+                    if task.regions else ""),
                  "×".join(f"{s:g}" for s in task.target_spacing))
     plan = {
         "format": PLAN_FORMAT, "format_version": PLAN_VERSION,

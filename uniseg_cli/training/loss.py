@@ -23,6 +23,11 @@ def deep_supervision_weights(outputs: int) -> list[float]:
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    """Cross-entropy plus negative batch soft Dice over the foreground classes (see ``_dice_ce``)."""
+    return _dice_ce(logits, target, classes)[0]
+
+
+def _dice_ce(logits: torch.Tensor, target: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy plus negative batch soft Dice over the foreground classes (nnU-Net's DC_and_CE).
 
     Only the first ``classes`` logits take part: the softmax and the CE are over the task's classes.
@@ -37,7 +42,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, classes: int) -> to
     fp = (probabilities * (1 - onehot)).sum(axes)
     fn = ((1 - probabilities) * onehot).sum(axes)
     dice = (2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)
-    return ce - dice.mean()
+    return ce - dice.mean(), dice.detach()
 
 
 def region_masks(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -47,6 +52,12 @@ def region_masks(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torc
 
 
 def region_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Binary cross-entropy plus negative batch soft Dice over the regions (see ``_region_dice_bce``)."""
+    return _region_dice_bce(logits, target, regions)[0]
+
+
+def _region_dice_bce(logits: torch.Tensor, target: torch.Tensor,
+                     regions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary cross-entropy plus negative batch soft Dice over the regions, each its own sigmoid output
     (the first ``len(regions)`` logits), as nnU-Net v2 trains region datasets."""
     logits = logits[:, :len(regions)].float()
@@ -58,25 +69,30 @@ def region_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, regions: Se
     fp = (probabilities * (1 - masks)).sum(axes)
     fn = ((1 - probabilities) * masks).sum(axes)
     dice = (2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)
-    return bce - dice.mean()
+    return bce - dice.mean(), dice.detach()
 
 
-def task_loss(logits: torch.Tensor, target: torch.Tensor, task: Task) -> torch.Tensor:
-    """The loss of one output of ``task``: regions or softmax classes."""
+def task_loss(logits: torch.Tensor, target: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one output of ``task`` (regions or softmax classes) and its soft Dice per class."""
     if task.regions:
-        return region_dice_bce_loss(logits, target, task.regions)
-    return dice_ce_loss(logits, target, task.num_classes)
+        return _region_dice_bce(logits, target, task.regions)
+    return _dice_ce(logits, target, task.num_classes)
 
 
-def deep_supervision_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, task: Task) -> torch.Tensor:
+def deep_supervision_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,
+                          task: Task) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum over the network's outputs (finest first) against the target downsampled by
-    nearest neighbour to each output's size."""
+    nearest neighbour to each output's size; and the finest output's soft Dice per class (or region),
+    which the training log records so that a class the network does not learn shows as such."""
     weights = deep_supervision_weights(len(outputs))
     total = outputs[0].new_zeros((), dtype=torch.float32)
+    finest = None
     for weight, output in zip(weights, outputs):
         if weight == 0:
             continue
         scaled = target if output.shape[2:] == target.shape[1:] else \
             F.interpolate(target[:, None].float(), size=output.shape[2:], mode="nearest")[:, 0].long()
-        total = total + weight * task_loss(output, scaled, task)
-    return total
+        loss, dice = task_loss(output, scaled, task)
+        total = total + weight * loss
+        finest = dice if finest is None else finest
+    return total, finest

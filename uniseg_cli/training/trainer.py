@@ -417,17 +417,21 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
     encoder_frozen = epoch < options.freeze_encoder_epochs
     run.guard.freeze_encoder(run.model, encoder_frozen)
     losses = []
+    class_dice: dict[int, list[np.ndarray]] = {}
     amp = run.device.type == "cuda"
     with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(run.sampler),
                       enabled=options.progress and dist_info.main) as advance:
         for batch in run.loader:
-            losses.append(_step(run.network, run.optimizer, run.scaler, batch, run.tasks, run.config, run.device,
-                                options.augment, amp))
+            loss, dice = _step(run.network, run.optimizer, run.scaler, batch, run.tasks, run.config, run.device,
+                               options.augment, amp)
+            losses.append(loss)
+            class_dice.setdefault(int(batch["task"]), []).append(dice)
             run.guard.restore()
             advance(1)
     loss = _mean_over_ranks(float(np.mean(losses)), run.device, dist_info)
     record: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
-                              "seconds": round(time.perf_counter() - started, 3)}
+                              "seconds": round(time.perf_counter() - started, 3),
+                              "train_dice": _train_dice(run.tasks, class_dice)}
     if encoder_frozen:
         record["encoder_frozen"] = True
     validate = run.has_validation and ((epoch + 1) % options.val_every == 0 or epoch + 1 == options.epochs)
@@ -440,6 +444,17 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
             run.best, run.best_epoch = record["mean_dice"], epoch + 1
             save_model(run.model, run.output / BEST_FOLDER, overwrite=True)
     return record, loss, validate
+
+
+def _train_dice(tasks: Sequence[TaskData], class_dice: dict[int, list[np.ndarray]]) -> dict[str, dict[str, float]]:
+    """The epoch's mean soft Dice per task and class (region) on its training patches (this rank's): a
+    class stuck near 0 while the others rise is a class the recipe does not learn."""
+    result = {}
+    for index, values in sorted(class_dice.items()):
+        task = tasks[index].task
+        names = task.region_names if task.regions else task.labels
+        result[task.key] = {name: round(float(v), 4) for name, v in zip(names, np.mean(values, axis=0))}
+    return result
 
 
 def _checkpoint(run: _Run, epoch: int, record: dict[str, Any], validated: bool) -> None:
@@ -485,19 +500,20 @@ def _worker_init(worker: int) -> None:
 
 def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           batch: dict[str, Any], tasks: list[TaskData], config: UniSegConfig, device: torch.device,
-          augment: bool, amp: bool) -> float:
+          augment: bool, amp: bool) -> tuple[float, np.ndarray]:
+    """One optimiser step; the loss and the finest output's soft Dice per class (region) of the batch."""
     task = tasks[int(batch["task"])].task
     images, labels = augment_batch(batch, device, config.patch_size, augment=augment)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         outputs = network(images, task.id)
-        loss = deep_supervision_loss(outputs, labels, task)
+        loss, dice = deep_supervision_loss(outputs, labels, task)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
     scaler.step(optimizer)
     scaler.update()
-    return float(loss.detach())
+    return float(loss.detach()), dice.float().cpu().numpy()
 
 
 @torch.no_grad()
