@@ -55,7 +55,9 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def accepted_endings(fmt: str) -> tuple[str, ...]:
     """The endings ``-o FILE`` may have when ``fmt`` is the first format."""
-    return IMAGE_ENDINGS if fmt == "nifti" else (FORMATS[fmt], ".dcm") if fmt in DICOM_FORMATS else (FORMATS[fmt],)
+    if fmt == "nifti":
+        return IMAGE_ENDINGS
+    return tuple(dict.fromkeys((FORMATS[fmt], ".dcm"))) if fmt in DICOM_FORMATS else (FORMATS[fmt],)
 
 
 def file_ending(path: Path, fmt: str) -> str | None:
