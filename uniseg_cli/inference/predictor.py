@@ -27,13 +27,13 @@ from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_wi
 from uniseg_cli.io.atomic import AtomicFiles, atomic_files, make_folder
 from uniseg_cli.io.images import Geometry, image_ending, read_channels, write_array
 from uniseg_cli.model.files import load_model
+from uniseg_cli.model.network import UniSeg
 from uniseg_cli.outputs.dicom import write_dicom_seg, write_rtstruct
 from uniseg_cli.outputs.formats import FORMATS, OutputOptions, output_files, preview_path, sidecar_path
 from uniseg_cli.outputs.preview import write_preview
 from uniseg_cli.outputs.sidecar import write_sidecar
 from uniseg_cli.outputs.slicer import write_seg_nrrd
 from uniseg_cli.outputs.statistics import label_intensities
-from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import LabelTerms, Task, label_terms, resolve_task
 from uniseg_cli.weights.hub import resolve_model
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from uniseg_cli.errors import ModelFileError, UnisegError
+from uniseg_cli.errors import UnisegError
 from uniseg_cli.weights import store
 from uniseg_cli.weights.hub import (
     MODEL_FILES,
