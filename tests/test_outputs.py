@@ -297,3 +297,12 @@ def test_outputs_into_the_input_series_folder_are_refused(run_cli, coarse_model_
     code, _, err = run_cli("predict", series, "-t", "liver", "-m", coarse_model_dir, "-o", series, "-f", "dicom-seg")
     assert code == 2 and f"would be written into the input series folder {series}" in err
     assert sorted(p.name for p in series.iterdir()) == before
+
+
+def test_one_preview_file_for_several_cases_is_a_usage_error(run_cli, coarse_model_dir, tmp_path):
+    code, _, err = run_cli("predict", CT, DICOM, "-t", "liver", "-m", coarse_model_dir, "-o", tmp_path,
+                           "--preview-file", tmp_path / "p.png")
+    assert code == 2 and "names one file, but there are several cases; use --preview" in err
+    code, _, err = run_cli("predict", CT, "-t", "liver", "-m", coarse_model_dir, "--preview-file", tmp_path / "p.jpg")
+    assert code == 2 and "--preview-file" in err and "must end in .png" in err
+    assert list(tmp_path.iterdir()) == []

@@ -44,8 +44,8 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
                                                                        fmt=outputs.formats[0]) == output:
         raise UsageError(f"{output}: --split writes one file per task; give a folder")
     if outputs.preview_path is not None and not single:
-        raise UsageError(f"--preview {outputs.preview_path}: names one file, but there are several cases; "
-                         "give --preview alone (each case gets <output>_preview.png)")
+        raise UsageError(f"--preview-file {outputs.preview_path}: names one file, but there are several cases; "
+                         "use --preview (each case gets <output>_preview.png)")
     segmenter = Segmenter(model, device=device, window=window, max_memory=max_memory)
     key = segmenter.task_key(task)
     if outputs.split and skip_existing and key == ALL_TASKS:
