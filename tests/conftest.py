@@ -105,8 +105,11 @@ def small_model_dir(tmp_path_factory) -> Path:
     return save_model(UniSeg(small_config()), tmp_path_factory.mktemp("models") / "small")
 
 
-def write_kidney_dataset(root: Path, *, slabs=((0, 60), (26, 86), (52, 112))) -> Path:
-    """An nnU-Net v2 dataset made from the real CT: axial slabs of it as cases, both kidneys as label 1."""
+def write_kidney_dataset(root: Path, *, slabs=((0, 60), (26, 86), (52, 112)), classes=None, meta=None) -> Path:
+    """An nnU-Net v2 dataset made from the real CT: axial slabs of it as cases, both kidneys as label 1.
+
+    ``classes(seg)`` maps TotalSegmentator's map to other label values, with ``meta`` the dataset.json
+    fields that describe them (``labels``, ``regions_class_order``)."""
     import json
 
     import nibabel as nib
@@ -115,7 +118,7 @@ def write_kidney_dataset(root: Path, *, slabs=((0, 60), (26, 86), (52, 112))) ->
     ct = nib.load(CT)
     seg = np.asarray(nib.load(DATA / "example_seg_fast_force_split.nii.gz").dataobj)
     image = np.asarray(ct.dataobj)
-    labels = np.isin(seg, (2, 3)).astype(np.uint8)
+    labels = (classes(seg) if classes is not None else np.isin(seg, (2, 3))).astype(np.uint8)
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     for i, (low, high) in enumerate(slabs):
@@ -125,7 +128,7 @@ def write_kidney_dataset(root: Path, *, slabs=((0, 60), (26, 86), (52, 112))) ->
         nib.save(nib.Nifti1Image(labels[:, :, low:high], affine), root / f"labelsTr/ct{i}.nii.gz")
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": 1},
-        "numTraining": len(slabs), "file_ending": ".nii.gz"}))
+        "numTraining": len(slabs), "file_ending": ".nii.gz", **(meta or {})}))
     return root
 
 

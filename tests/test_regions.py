@@ -10,29 +10,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CT, DATA
+from conftest import CT, write_kidney_dataset
 
 REGIONS = {"background": 0, "kidneys": [1, 2], "left kidney": [2]}
 
 
 def write_region_dataset(root, *, labels=REGIONS, order=(1, 2), slabs=((0, 60), (26, 86), (52, 112))):
     """Axial slabs of the real CT; right kidney 1, left kidney 2; declared as nested regions."""
-    ct = nib.load(CT)
-    seg = np.asarray(nib.load(DATA / "example_seg_fast_force_split.nii.gz").dataobj)
-    classes = np.select([seg == 2, seg == 3], [1, 2], 0).astype(np.uint8)   # TotalSegmentator: 2 right, 3 left
-    image = np.asarray(ct.dataobj)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    for i, (low, high) in enumerate(slabs):
-        affine = ct.affine.copy()
-        affine[:3, 3] = ct.affine[:3, :3] @ [0, 0, low] + ct.affine[:3, 3]
-        nib.save(nib.Nifti1Image(image[:, :, low:high].astype(np.int16), affine), root / f"imagesTr/ct{i}_0000.nii.gz")
-        nib.save(nib.Nifti1Image(classes[:, :, low:high], affine), root / f"labelsTr/ct{i}.nii.gz")
-    meta = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(slabs), "file_ending": ".nii.gz"}
-    if order is not None:
-        meta["regions_class_order"] = list(order)
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
+    meta = {"labels": labels, **({"regions_class_order": list(order)} if order is not None else {})}
+    return write_kidney_dataset(root, slabs=slabs, meta=meta,   # TotalSegmentator: 2 right kidney, 3 left
+                                classes=lambda seg: np.select([seg == 2, seg == 3], [1, 2], 0))
 
 
 @pytest.fixture(scope="module")

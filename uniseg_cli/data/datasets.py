@@ -188,8 +188,9 @@ def _read_nnunet(root: Path, meta: dict[str, Any], where: Path) -> Dataset:
 
 
 def _check_images_labelled(images: Path, ending: str, labelled: set[str], channels: int, label_dir: Path) -> None:
-    """Every image of ``imagesTr`` is a channel ``CASE_XXXX`` of a labelled case (cases are listed from
-    the label files, so an image whose label file is lost would otherwise be dropped without a word)."""
+    """Every image of ``imagesTr`` is a channel (``CASE_0000``, ``CASE_0001``, …) of a labelled case (cases
+    are listed from the label files, so an image whose label file is lost would otherwise be dropped
+    without a word)."""
     if not images.is_dir():
         raise DatasetError(f"{images}: missing")
     for image in sorted(images.glob(f"*{ending}")):
@@ -198,7 +199,7 @@ def _check_images_labelled(images: Path, ending: str, labelled: set[str], channe
         stem = image.name[: -len(ending)]
         name, _, index = stem.rpartition("_")
         if not (len(index) == 4 and index.isdigit() and name):
-            raise DatasetError(f"{image}: not named CASE_XXXX{ending} (nnU-Net's channel naming)")
+            raise DatasetError(f"{image}: not named like CASE_0000{ending} (nnU-Net's channel naming)")
         if int(index) >= channels:
             raise DatasetError(f"{image}: channel {index}, but {DATASET_JSON} declares {channels} channel(s)")
         if name not in labelled:

@@ -138,7 +138,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _refusal(path: Path, message: str) -> str:
     """Why the weights-only loader refused a file, naming the global it asked for.
 
-    torch's own message leads with the advice to re-run with ``weights_only=False``, which would run the
+    torch's own message leads with the advice to turn its weights-only check off, which would run the
     file's code; for newer pickle protocols it names only an opcode. The pickle's instructions are listed
     (not run) to find the first global outside the allow-list.
     """

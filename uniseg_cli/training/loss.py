@@ -37,12 +37,17 @@ def _dice_ce(logits: torch.Tensor, target: torch.Tensor, classes: int) -> tuple[
     ce = F.cross_entropy(logits, target)
     probabilities = torch.softmax(logits, dim=1)[:, 1:]
     onehot = F.one_hot(target, classes).movedim(-1, 1)[:, 1:].to(probabilities.dtype)
-    axes = (0, *range(2, logits.ndim))
-    tp = (probabilities * onehot).sum(axes)
-    fp = (probabilities * (1 - onehot)).sum(axes)
-    fn = ((1 - probabilities) * onehot).sum(axes)
-    dice = (2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)
+    dice = batch_soft_dice(probabilities, onehot)
     return ce - dice.mean(), dice.detach()
+
+
+def batch_soft_dice(probabilities: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Soft Dice per channel of (B, C, …) probabilities against masks, summed over batch and voxels."""
+    axes = (0, *range(2, probabilities.ndim))
+    tp = (probabilities * masks).sum(axes)
+    fp = (probabilities * (1 - masks)).sum(axes)
+    fn = ((1 - probabilities) * masks).sum(axes)
+    return (2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)
 
 
 def region_masks(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -63,12 +68,7 @@ def _region_dice_bce(logits: torch.Tensor, target: torch.Tensor,
     logits = logits[:, :len(regions)].float()
     masks = region_masks(target, regions)
     bce = F.binary_cross_entropy_with_logits(logits, masks)
-    probabilities = torch.sigmoid(logits)
-    axes = (0, *range(2, logits.ndim))
-    tp = (probabilities * masks).sum(axes)
-    fp = (probabilities * (1 - masks)).sum(axes)
-    fn = ((1 - probabilities) * masks).sum(axes)
-    dice = (2 * tp + DICE_SMOOTH) / (2 * tp + fp + fn + DICE_SMOOTH)
+    dice = batch_soft_dice(torch.sigmoid(logits), masks)
     return bce - dice.mean(), dice.detach()
 
 
