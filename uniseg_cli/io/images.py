@@ -257,7 +257,8 @@ def _read_dicom_series(path: Path, *, allow_gaps: bool) -> tuple[np.ndarray, Geo
               for i in range(len(files))]
     problem = series_problem(slices)
     if problem is not None:
-        others = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".") and str(f) not in set(files)]
+        stacked = set(files)
+        others = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".") and str(f) not in stacked]
         if others:
             problem += f" ({len(others)} other file(s) in the folder, e.g. {others[0].name}, are not readable as this series)"
         if not allow_gaps:
