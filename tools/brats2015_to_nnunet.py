@@ -2,8 +2,10 @@
 
     python tools/brats2015_to_nnunet.py OUT_FOLDER [--shared ../shared/data] [--regions]
 
-Channels FLAIR (0000) and post-contrast T1 (0001), as the source provides them (already z-scored inside
-the brain mask). Labels mapped to the registry's brain-tumour classes (docs/pipeline.md §2): edema 2 → 1,
+Channels FLAIR (0000) and post-contrast T1 (0001), z-scored inside the brain mask as the source provides
+them, and 0 outside it (the source holds each channel's z-scored zero there, e.g. -3.55): BraTS images
+as users have them are skull-stripped with a zero background, which the crop to the non-zero box then
+removes (docs/pipeline.md §3), so that training patches fall on the brain. Labels mapped to the registry's brain-tumour classes (docs/pipeline.md §2): edema 2 → 1,
 necrosis 1 and non-enhancing 3 → 2 (the tumour core without enhancement), enhancing 4 → 3. With
 --regions, dataset.json declares them as nnU-Net v2 regions instead, as BraTS is scored: whole tumour
 [1, 2, 3] (source 1, 2, 3, 4), tumour core [2, 3] (source 1, 3, 4), enhancing tumour [3] (source 4), with
@@ -37,9 +39,13 @@ def main() -> int:
     split: dict[str, list[str]] = {"train": [], "val": []}
     for part, key in (("train", "train"), ("validation", "val")):
         for case in sorted((source / part).iterdir()):
+            brain = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "brainmask.nii.gz"))) > 0
             for channel, name in enumerate(("Flair_subtrMeanDivStd", "T1c_subtrMeanDivStd")):
-                sitk.WriteImage(sitk.ReadImage(str(case / f"{name}.nii.gz")),
-                                str(args.out / "imagesTr" / f"{case.name}_{channel:04d}.nii.gz"), useCompression=True)
+                image = sitk.ReadImage(str(case / f"{name}.nii.gz"))
+                masked = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayFromImage(image), 0).astype(np.float32))
+                masked.CopyInformation(image)
+                sitk.WriteImage(masked, str(args.out / "imagesTr" / f"{case.name}_{channel:04d}.nii.gz"),
+                                useCompression=True)
             labels = sitk.ReadImage(str(case / "OTMultiClass.nii.gz"))
             array = sitk.GetArrayFromImage(labels).astype(np.int64)
             mapped = sitk.GetImageFromArray(np.vectorize(MAPPING.__getitem__, otypes=[np.uint8])(array))
