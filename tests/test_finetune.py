@@ -67,7 +67,9 @@ def test_new_task_with_frozen_upstream_leaves_the_other_tasks_unchanged(run_cli,
     assert after.config.fusion_features == before.config.fusion_features
     with torch.inference_mode():
         for task in range(11):
-            torch.testing.assert_close(after(ct_patch, task), before(ct_patch, task), rtol=0, atol=1e-6)
+            # the same weights (checked bit for bit below); the logits to float32 rounding, as the wider fusion
+            # convolution (one more, zero-weighted input) sums in another order: a few 1e-6 on some CPUs
+            torch.testing.assert_close(after(ct_patch, task), before(ct_patch, task), rtol=1e-5, atol=2e-5)
     new, old = after.state_dict(), before.state_dict()
     assert torch.equal(new["intermedia_prompt"][:, :11], old["intermedia_prompt"])
     last = "fusion_layer.blocks.2.conv.weight"

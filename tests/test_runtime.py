@@ -23,6 +23,22 @@ def test_auto_precision_is_fp32_on_cpu_and_fp16_on_cuda_and_fast_adds_native_bf1
         resolve_precision("fp8", torch.device("cpu"))
 
 
+def test_training_precision_is_the_recipes_mixed_precision_and_bf16_on_native_cpus(monkeypatch):
+    from uniseg_cli.inference import runtime
+
+    assert runtime.resolve_training_precision("auto", torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)
+    assert runtime.resolve_training_precision("auto", torch.device("cpu")) == "bf16"
+    assert runtime.resolve_training_precision("auto", torch.device("mps")) == "fp32"
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: False)
+    assert runtime.resolve_training_precision("auto", torch.device("cpu")) == "fp32"   # emulated bf16 is slower
+    assert runtime.resolve_training_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(UsageError, match=r"--precision fp16 trains on CUDA only \(with a gradient scaler\); cpu can "):
+        runtime.resolve_training_precision("fp16", torch.device("cpu"))
+    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16, fp16, got 'fast'"):
+        runtime.resolve_training_precision("fast", torch.device("cpu"))
+
+
 def test_bf16_window_accumulates_float32_close_to_fp32(small_model, ct_patch):
     with torch.inference_mode():
         full = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]

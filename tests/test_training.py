@@ -114,6 +114,24 @@ def test_short_training_on_real_data_lowers_the_loss(kidney_prep, tmp_path):
     assert (tmp_path / "model/model.safetensors").exists() and (tmp_path / "model/best/model.safetensors").exists()
 
 
+def test_bf16_training_steps_train_and_are_logged(kidney_prep, tmp_path):
+    """bf16 autocast (the CPU default where the CPU has native bf16) changes the arithmetic, not the recipe:
+    the same batches give close losses and fp32 weights."""
+    from safetensors.torch import load_file
+
+    from uniseg_cli.data.training_cache import read_plan
+    from uniseg_cli.training.trainer import train, training_config
+
+    config = training_config(read_plan(kidney_prep), "small")
+    runs = {p: train(kidney_prep, tmp_path / p, config=config,
+                     options=TrainOptions(epochs=1, fold="all", precision=p, **FAST)) for p in ("fp32", "bf16")}
+    assert [r["precision"] for r in runs["bf16"].log] == ["bf16"] and runs["fp32"].log[0]["precision"] == "fp32"
+    assert runs["bf16"].log[0]["loss"] == pytest.approx(runs["fp32"].log[0]["loss"], abs=0.05)
+    full, half = load_file(tmp_path / "fp32/model.safetensors"), load_file(tmp_path / "bf16/model.safetensors")
+    assert all(t.dtype == torch.float32 for t in half.values())
+    assert any(not torch.equal(full[k], half[k]) for k in full)              # autocast did take effect
+
+
 def test_resume_after_interruption_gives_the_uninterrupted_weights(kidney_prep, tmp_path):
     from safetensors.torch import load_file
 

@@ -1,6 +1,7 @@
 """Build the bundled demo model from the real scans in ../shared/data with `uniseg preprocess` and `uniseg train`.
 
-    python tools/build_demo_model.py WORK_FOLDER [--epochs 40] [--shared ../shared/data]
+    python tools/build_demo_model.py WORK_FOLDER [--epochs 40] [--base-features 4] [--max-features 32]
+                                                 [--shared ../shared/data]
 
 1. Writes nnU-Net v2 datasets into WORK_FOLDER/raw/ from the Apache-2.0 scans only:
    - CT tasks liver, kidney, spleen: TotalSegmentator's example CT (training) and
@@ -9,9 +10,11 @@
    - brain_tumor (T1, T1ce, T2, FLAIR): the two BrainLesion/TCGA cases with the fused BraTS-algorithm
      map; TCGA-FG-6692 (all three classes) trains, TCGA-DU-7294 is held out.
 2. `uniseg preprocess` at 3 mm isotropic (so that a whole CT is a few dozen tiles of the small network).
-3. `uniseg train --preset small` with an explicit split, on the CPU.
-4. `uniseg predict` (default settings: TTA, step 0.5) on each held-out case with the final weights and
-   `uniseg evaluate` against its label map: WORK_FOLDER/held_out.json.
+3. `uniseg train --preset small` with an explicit split, on the CPU (its default precision: bf16 where
+   the CPU has native bf16).
+4. `uniseg predict` (default settings: TTA, step 0.5) with the final weights and `uniseg evaluate` against
+   the label maps: each held-out case (WORK_FOLDER/held_out.json) and each training case, to show how well
+   the model fits what it was trained on (WORK_FOLDER/training_fit.json).
 The model folder is WORK_FOLDER/model; `best/` holds the best validation weights.
 """
 
@@ -83,12 +86,26 @@ def write_brain_dataset(root: Path, shared: Path) -> list[str]:
     return list(folders)
 
 
+def _score(uniseg: list[str], root: Path, task: str, case: str, prediction: Path, model: Path) -> dict:
+    """``uniseg predict`` (default settings) on one case of a dataset, ``uniseg evaluate`` against its labels."""
+    channels = len(json.loads((root / "dataset.json").read_text())["channel_names"])
+    images = ",".join(str(root / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(channels))
+    subprocess.run([*uniseg, "predict", images, "--task", task, "-m", str(model), "-o", str(prediction), "--device",
+                    "cpu", "-q"], check=True)
+    report = subprocess.run([*uniseg, "evaluate", str(prediction), str(root / "labelsTr" / f"{case}.nii.gz"), "--json",
+                             "--labels", ",".join(str(v) for v in range(1, 4 if task == "brain_tumor" else 2))],
+                            check=True, capture_output=True, text=True)
+    return json.loads(report.stdout)["cases"][0]["labels"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path)
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batches-per-task", type=int, default=50)
+    parser.add_argument("--base-features", type=int, default=4)
+    parser.add_argument("--max-features", type=int, default=32)
     args = parser.parse_args()
     raw = args.work / "raw"
     cases = ct_cases(args.shared)
@@ -108,25 +125,19 @@ def main() -> int:
                    check=True)
     if not (args.work / "model" / "model.safetensors").exists():
         subprocess.run([*uniseg, "train", str(args.work / "preprocessed"), "-o", str(args.work / "model"),
-                        "--preset", "small", "--epochs", str(args.epochs), "--batches-per-task",
-                        str(args.batches_per_task), "--val-every", "2", "--split-file", str(split_file), "--device",
+                        "--preset", "small", "--base-features", str(args.base_features), "--max-features",
+                        str(args.max_features), "--epochs", str(args.epochs), "--batches-per-task",
+                        str(args.batches_per_task), "--val-every", "10", "--split-file", str(split_file), "--device",
                         "cpu", "--workers", "1",
                         *(["--resume"] if (args.work / "model" / "training_state.pt").exists() else [])], check=True)
-    results = {}
-    for task, folds in splits.items():
-        root = raw / f"Dataset_{task}"
-        channels = len(json.loads((root / "dataset.json").read_text())["channel_names"])
-        for case in folds[0]["val"]:
-            images = ",".join(str(root / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(channels))
-            prediction = args.work / "held_out" / task / f"{case}.nii.gz"
-            subprocess.run([*uniseg, "predict", images, "--task", task, "-m", str(args.work / "model"), "-o",
-                            str(prediction), "--device", "cpu", "-q"], check=True)
-            report = subprocess.run([*uniseg, "evaluate", str(prediction), str(root / "labelsTr" / f"{case}.nii.gz"),
-                                     "--json", "--labels", ",".join(str(v) for v in range(1, 4 if task == "brain_tumor" else 2))],
-                                    check=True, capture_output=True, text=True)
-            results[f"{task}/{case}"] = json.loads(report.stdout)["cases"][0]["labels"]
-    (args.work / "held_out.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: {label: v["dice"] for label, v in labels.items()} for k, labels in results.items()}))
+    for part, name in (("val", "held_out"), ("train", "training_fit")):
+        results = {}
+        for task, folds in splits.items():
+            for case in folds[0][part]:
+                results[f"{task}/{case}"] = _score(uniseg, raw / f"Dataset_{task}", task, case,
+                                                   args.work / name / task / f"{case}.nii.gz", args.work / "model")
+        (args.work / f"{name}.json").write_text(json.dumps(results, indent=2))
+        print(name, json.dumps({k: {label: v["dice"] for label, v in labels.items()} for k, labels in results.items()}))
     return 0
 
 

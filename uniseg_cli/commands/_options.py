@@ -21,6 +21,10 @@ FOLD = typer.Option("0", "--fold", help="Cross-validation fold: 0-4 of nnU-Net's
 SPLIT_FILE = typer.Option(None, "--split-file", help="JSON {task: [{train: [...], val: [...]}, ...]}, or nnU-Net's "
                                                      "splits_final.json list for one task.")
 SEED = typer.Option(0, "--seed", help="Seed of new weights and of every batch.")
+TRAIN_PRECISION = typer.Option(
+    "auto", "--precision", metavar="auto|fp32|bf16|fp16",
+    help="Autocast of the training steps. auto: fp16 with a gradient scaler on CUDA (the published recipe), bf16 on "
+         "CPUs with native bf16 instructions (about 3x faster there), else fp32.")
 RESUME = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch.")
 
 

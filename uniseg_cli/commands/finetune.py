@@ -17,6 +17,7 @@ from uniseg_cli.commands._options import (
     RESUME,
     SEED,
     SPLIT_FILE,
+    TRAIN_PRECISION,
     check_fold,
     parse_triple,
 )
@@ -45,6 +46,7 @@ def finetune(
     device: str = DEVICE,
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Worker processes for pre-processing and for data loading (0: data loading in this process)."),
     seed: int = SEED,
+    precision: str = TRAIN_PRECISION,
     resume: bool = RESUME,
     quiet: bool = QUIET,
 ) -> None:
@@ -74,7 +76,7 @@ def finetune(
     options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
                            learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
                            device=device, workers=workers, seed=seed, resume=resume, progress=not quiet,
-                           freeze_encoder_epochs=freeze_encoder)
+                           precision=precision, freeze_encoder_epochs=freeze_encoder)
     result = run(dataset, output, model=model, mode=mode, task_name=task_name, freeze_upstream=freeze_upstream,
                  preprocessed=preprocessed, target_spacing=spacing, workers=max(workers, 1), tolerance=tolerance,
                  window=WindowOptions(step=step, mirror=tta),

@@ -17,6 +17,7 @@ from uniseg_cli.commands._options import (
     RESUME,
     SEED,
     SPLIT_FILE,
+    TRAIN_PRECISION,
     check_fold,
     parse_triple,
 )
@@ -39,6 +40,7 @@ def train(
     device: str = DEVICE,
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading worker processes (0 = in the training process)."),
     seed: int = SEED,
+    precision: str = TRAIN_PRECISION,
     augment: bool = typer.Option(True, "--augment/--no-augment", help="nnU-Net moreDA augmentation on the training device."),
     resume: bool = RESUME,
     quiet: bool = QUIET,
@@ -72,5 +74,5 @@ def train(
     options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
                            learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
                            device=device, workers=workers, seed=seed, resume=resume, augment=augment,
-                           progress=not quiet)
+                           progress=not quiet, precision=precision)
     run_training(data, output, config=config, options=options, tasks=tasks)

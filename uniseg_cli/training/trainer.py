@@ -2,7 +2,8 @@
 
 One batch is one task; each epoch gives every task the same number of batches. SGD with Nesterov
 momentum 0.99, weight decay 3e-5, poly learning rate (power 0.9, per epoch), gradient norm clipped at
-12, fp16 autocast with a gradient scaler on CUDA. Validation runs the sliding window of ``predict``
+12, fp16 autocast with a gradient scaler on CUDA (bf16 autocast on CPUs with native bf16, see
+``resolve_training_precision``). Validation runs the sliding window of ``predict``
 (no mirroring) over each task's held-out cases and logs the Dice of every class.
 
 The output folder is a model folder (``config.json`` + ``model.safetensors``, the final weights) with
@@ -16,6 +17,7 @@ the same epoch plan, rank 0 alone validates, logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,6 +37,7 @@ from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.data.training_cache import TaskData, read_plan
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
+from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, resolve_training_precision
 from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
 from uniseg_cli.io.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.io.jsonfile import read_json
@@ -78,6 +81,7 @@ class TrainOptions:
     augment: bool = True
     progress: bool = True
     freeze_encoder_epochs: int = 0
+    precision: str = "auto"
 
 
 @dataclass
@@ -324,6 +328,7 @@ class _Run:
     sampler: EpochSampler
     loader: torch.utils.data.DataLoader
     records: list[dict[str, Any]]
+    precision: str = "fp32"
     start_epoch: int = 0
     best: float | None = None
     best_epoch: int | None = None
@@ -364,7 +369,8 @@ def _setup(tasks: list[TaskData], output: Path, config: UniSegConfig, options: T
     guard = (trainable or Trainable()).apply(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
                                 momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    precision = resolve_training_precision(options.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     start_epoch, best, best_epoch = 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -397,9 +403,10 @@ def _setup(tasks: list[TaskData], output: Path, config: UniSegConfig, options: T
                                          pin_memory=device.type == "cuda", persistent_workers=options.workers > 0,
                                          worker_init_fn=_worker_init)
     run = _Run(tasks, output, config, options, device, dist_info, chosen, model, network, guard, optimizer, scaler,
-               sampler, loader, records, start_epoch, best, best_epoch)
-    log.info("training %d task(s) on %s%s: %d epochs × %d batches (%d per task) of %d patch(es) %s, fold %s, "
+               sampler, loader, records, precision, start_epoch, best, best_epoch)
+    log.info("training %d task(s) on %s%s (%s): %d epochs × %d batches (%d per task) of %d patch(es) %s, fold %s, "
              "validation %s", len(tasks), device, f" × {dist_info.world} ranks" if dist_info.world > 1 else "",
+             precision,
              options.epochs, len(sampler) * dist_info.world, options.batches_per_task, options.batch_size,
              "×".join(map(str, config.patch_size)), options.fold,
              ", ".join(f"{t.task.key} {len(v)}" for t, (_, v) in zip(tasks, chosen)) if run.has_validation else "none")
@@ -418,19 +425,18 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
     run.guard.freeze_encoder(run.model, encoder_frozen)
     losses = []
     class_dice: dict[int, list[np.ndarray]] = {}
-    amp = run.device.type == "cuda"
     with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(run.sampler),
                       enabled=options.progress and dist_info.main) as advance:
         for batch in run.loader:
             loss, dice = _step(run.network, run.optimizer, run.scaler, batch, run.tasks, run.config, run.device,
-                               options.augment, amp)
+                               options.augment, AUTOCAST_DTYPES.get(run.precision))
             losses.append(loss)
             class_dice.setdefault(int(batch["task"]), []).append(dice)
             run.guard.restore()
             advance(1)
     loss = _mean_over_ranks(float(np.mean(losses)), run.device, dist_info)
     record: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
-                              "seconds": round(time.perf_counter() - started, 3),
+                              "seconds": round(time.perf_counter() - started, 3), "precision": run.precision,
                               "train_dice": _train_dice(run.tasks, class_dice)}
     if encoder_frozen:
         record["encoder_frozen"] = True
@@ -500,12 +506,13 @@ def _worker_init(worker: int) -> None:
 
 def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           batch: dict[str, Any], tasks: list[TaskData], config: UniSegConfig, device: torch.device,
-          augment: bool, amp: bool) -> tuple[float, np.ndarray]:
-    """One optimiser step; the loss and the finest output's soft Dice per class (region) of the batch."""
+          augment: bool, autocast: torch.dtype | None) -> tuple[float, np.ndarray]:
+    """One optimiser step (under ``autocast`` unless None); the loss and the finest output's soft Dice per
+    class (region) of the batch."""
     task = tasks[int(batch["task"])].task
     images, labels = augment_batch(batch, device, config.patch_size, augment=augment)
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+    with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
         outputs = network(images, task.id)
         loss, dice = deep_supervision_loss(outputs, labels, task)
     scaler.scale(loss).backward()
