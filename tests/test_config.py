@@ -11,7 +11,8 @@ from uniseg_cli.errors import ConfigError
 from uniseg_cli.tasks import UPSTREAM_TASKS
 
 
-@pytest.mark.parametrize("config", [UniSegConfig(), small_config(license="CC BY-NC 4.0", source="test")])
+@pytest.mark.parametrize("config", [UniSegConfig(), small_config(license="CC BY-NC 4.0", source="test"),
+                                    small_config(mirror_axes=(0, 1)), small_config(mirror_axes=())])
 def test_config_round_trips_through_config_json(tmp_path, config):
     path = tmp_path / "config.json"
     path.write_text(config.to_json())
@@ -20,6 +21,7 @@ def test_config_round_trips_through_config_json(tmp_path, config):
 
 def test_published_defaults():
     config = UniSegConfig()
+    assert config.mirror_axes == (0, 1, 2) and "mirror_axes" not in config.to_dict()  # the published TTA
     assert config.patch_size == (64, 192, 192)
     assert config.stage_features == (32, 64, 128, 256, 320, 320)
     assert config.prompt_shape == (4, 6, 6)
@@ -43,6 +45,8 @@ def _edited(**arch):
     (_edited(dropout=0.1), "unknown key.s. dropout"),
     ({**UniSegConfig().to_dict(), "format_version": 9}, "format_version 9 is not supported"),
     ({**UniSegConfig().to_dict(), "tasks": []}, "at least one task"),
+    ({**UniSegConfig().to_dict(), "mirror_axes": [3]}, r"mirror_axes must be distinct axes among 0, 1, 2 \(z, y, x\)"),
+    ({**UniSegConfig().to_dict(), "mirror_axes": [1, 0]}, r"in order, got \[1, 0\]"),
 ])
 def test_invalid_configs_are_refused_with_the_reason(data, message):
     with pytest.raises(ConfigError, match=message):

@@ -19,6 +19,7 @@ def test_downstream_keeps_the_pretrained_network_and_drops_the_prompt(run_cli, s
     assert stdout.strip() == str(out)
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"]["prompted"] is False and config["architecture"]["num_classes"] == 2
+    assert "mirror_axes" not in config                                          # the pretrained model's: all three
     assert [t["key"] for t in config["tasks"]] == ["kidneyslabs"]
     before, after = load_file(small_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert not any(k.startswith(("intermedia_prompt", "fusion_layer")) for k in after)
@@ -51,6 +52,14 @@ def test_freeze_encoder_keeps_the_encoder(run_cli, small_model_dir, kidney_datas
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert log[0]["encoder_frozen"] is True
     assert not (out / "evaluation.json").exists()                              # --fold all: nothing held out
+
+
+def test_finetune_mirror_axes_are_recorded(run_cli, small_model_dir, kidney_dataset, tmp_path):
+    out = tmp_path / "lateral"
+    code, _, err = run_cli("finetune", kidney_dataset, "-m", small_model_dir, "-o", out, "--mirror-axes", "y,z",
+                           "--epochs", "1", "--batches-per-task", "1", *QUICK[4:])
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["mirror_axes"] == [0, 1]
 
 
 def test_new_task_with_frozen_upstream_leaves_the_other_tasks_unchanged(run_cli, small_model_dir, kidney_dataset,

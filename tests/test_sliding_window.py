@@ -16,6 +16,7 @@ from uniseg_cli.inference.sliding_window import (
     sliding_window,
     tile_starts,
 )
+from uniseg_cli.model.network import UniSeg
 
 
 def nnunet_steps(patch_size, image_size, step_size):
@@ -75,6 +76,27 @@ def test_one_tile_with_mirroring_is_the_average_of_eight_flipped_softmaxes(small
                 p = torch.softmax(small_model(flipped, 1), dim=1)[:, :3]
                 expected += (torch.flip(p, axes) if axes else p)[0] / 8
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+def test_tta_flips_only_the_models_mirror_axes(small_model, ct_patch):
+    from uniseg_cli.inference.sliding_window import mirror_combinations
+
+    assert len(mirror_combinations((0, 1, 2))) == 8 and mirror_combinations(()) == [()]
+    assert mirror_combinations((0, 1)) == [(), (2,), (3,), (2, 3)]             # z and y: left-right kept
+    lateral = UniSeg(small_model.config.with_changes(mirror_axes=(0, 1))).eval()
+    lateral.load_state_dict(small_model.state_dict())
+    with torch.inference_mode():
+        ours = sliding_window(lateral, ct_patch[0], [(1, 3)], WindowOptions(mirror=True))[0]
+        expected = torch.zeros(3, 32, 64, 64)
+        for axes in [(), (2,), (3,), (2, 3)]:
+            flipped = torch.flip(ct_patch, axes) if axes else ct_patch
+            p = torch.softmax(small_model(flipped, 1), dim=1)[:, :3]
+            expected += (torch.flip(p, axes) if axes else p)[0] / 4
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+        unmirrored = UniSeg(small_model.config.with_changes(mirror_axes=())).eval()
+        unmirrored.load_state_dict(small_model.state_dict())
+        plain = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]
+        assert torch.equal(sliding_window(unmirrored, ct_patch[0], [(1, 3)], WindowOptions(mirror=True))[0], plain)
 
 
 def test_tasks_sharing_the_encoder_and_batched_tiles_change_nothing(small_model, ct_volume):

@@ -82,6 +82,35 @@ def test_intensity_augmentation_keeps_labels_and_shapes():
         assert seg.sum() == labels.sum()                                   # mirroring only moves labels
 
 
+def test_mirroring_keeps_to_the_allowed_axes():
+    from uniseg_cli.training.augment import intensity_and_mirror
+
+    labels = torch.arange(8 * 16 * 16).reshape(8, 16, 16)                   # every voxel its own value
+    image = labels[None].float()
+    seen = set()
+    for seed in range(40):
+        _, seg = intensity_and_mirror(image, labels, np.random.default_rng(seed), torch.Generator().manual_seed(seed),
+                                      mirror_axes=(0, 1))
+        assert bool((seg[..., 1:] > seg[..., :-1]).all())                    # x (left-right) never flipped
+        seen |= {axis for axis, d in ((0, seg[1:] - seg[:-1]), (1, seg[:, 1:] - seg[:, :-1])) if (d < 0).all()}
+    assert seen == {0, 1}                                                     # z and y are
+
+
+def test_train_records_the_mirror_axes_that_predict_then_uses(run_cli, kidney_prep, tmp_path):
+    for args, axes in ((["--mirror-axes", "z,y"], [0, 1]), (["--no-augment"], [])):
+        out = tmp_path / "-".join(args)
+        code, _, err = run_cli("train", kidney_prep, "-o", out, "--preset", "small", "--epochs", "1",
+                               "--batches-per-task", "1", "--fold", "all", "--device", "cpu", "-j", "0", "-q", *args)
+        assert code == 0, err
+        assert json.loads((out / "config.json").read_text())["mirror_axes"] == axes
+        code, _, err = run_cli("predict", __import__("conftest").CT, "-m", out, "-t", "kidney_slabs", "-o",
+                               tmp_path / "k.nii.gz", "--device", "cpu", "--step", "1")
+        assert code == 0, err
+        assert ("TTA on, z+y only" if axes else "TTA on, no axes in this model") in err
+    code, _, err = run_cli("train", kidney_prep, "-o", tmp_path / "bad", "--mirror-axes", "x,left")
+    assert code == 2 and "--mirror-axes must be axes among z, y, x (comma-separated) or none, got 'x,left'" in err
+
+
 # ---------------------------------------------------------------------------------------- loss
 def test_loss_matches_a_hand_computation():
     from uniseg_cli.training.loss import DICE_SMOOTH, deep_supervision_weights, dice_ce_loss

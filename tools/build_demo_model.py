@@ -1,7 +1,7 @@
 """Build the bundled demo model from the real scans in ../shared/data with `uniseg preprocess` and `uniseg train`.
 
     python tools/build_demo_model.py WORK_FOLDER [--epochs 40] [--base-features 4] [--max-features 32]
-                                                 [--shared ../shared/data]
+                                                 [--no-augment] [--shared ../shared/data]
 
 1. Writes nnU-Net v2 datasets into WORK_FOLDER/raw/ from the Apache-2.0 scans only:
    - CT tasks liver, kidney, spleen: TotalSegmentator's example CT (training) and
@@ -106,6 +106,8 @@ def main() -> int:
     parser.add_argument("--batches-per-task", type=int, default=50)
     parser.add_argument("--base-features", type=int, default=4)
     parser.add_argument("--max-features", type=int, default=32)
+    parser.add_argument("--no-augment", action="store_true",
+                        help="train without augmentation (and so without mirroring TTA): fits the scans fastest")
     args = parser.parse_args()
     raw = args.work / "raw"
     cases = ct_cases(args.shared)
@@ -126,7 +128,8 @@ def main() -> int:
     if not (args.work / "model" / "model.safetensors").exists():
         subprocess.run([*uniseg, "train", str(args.work / "preprocessed"), "-o", str(args.work / "model"),
                         "--preset", "small", "--base-features", str(args.base_features), "--max-features",
-                        str(args.max_features), "--epochs", str(args.epochs), "--batches-per-task",
+                        str(args.max_features), *(["--no-augment"] if args.no_augment else []), "--epochs",
+                        str(args.epochs), "--batches-per-task",
                         str(args.batches_per_task), "--val-every", "10", "--split-file", str(split_file), "--device",
                         "cpu", "--workers", "1",
                         *(["--resume"] if (args.work / "model" / "training_state.pt").exists() else [])], check=True)

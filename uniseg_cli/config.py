@@ -20,6 +20,7 @@ from uniseg_cli.tasks import UPSTREAM_TASKS, Task, _check_keys, _typed, validate
 
 CONFIG_FORMAT = "uniseg"
 CONFIG_VERSION = 1
+ALL_AXES = (0, 1, 2)  # z, y, x
 
 Triple = tuple[int, int, int]
 
@@ -46,6 +47,10 @@ class UniSegConfig:
         (the paper's transfer protocol): one task, a plain U-Net.
     fusion_width: hidden width of the fusion layer when it is not the published
         ``(bottleneck features + tasks) // 4`` (a model grown by a new task keeps its pretrained width).
+    mirror_axes: the (z, y, x) array axes (0, 1, 2) the model was trained to be mirror-invariant along,
+        and so the axes mirroring TTA flips (nnU-Net's ``inference_allowed_mirroring_axes``). Published:
+        all three. A model whose labels are lateral (left/right structures) is trained without the
+        left-right axis, one trained without augmentation without any.
     license / source: where the weights come from and under which terms; shown by ``uniseg`` and
         carried into model cards.
     """
@@ -61,6 +66,7 @@ class UniSegConfig:
     tasks: tuple[Task, ...] = field(default=UPSTREAM_TASKS)
     prompted: bool = True
     fusion_width: int | None = None
+    mirror_axes: tuple[int, ...] = ALL_AXES
     license: str = ""
     source: str = ""
 
@@ -135,6 +141,8 @@ class UniSegConfig:
             raise ConfigError("a model without the prompt (prompted: false) has exactly one task")
         if self.fusion_width is not None and self.fusion_width < 1:
             raise ConfigError(f"fusion_width must be at least 1, got {self.fusion_width}")
+        if tuple(sorted(set(self.mirror_axes))) != tuple(self.mirror_axes) or not set(self.mirror_axes) <= set(ALL_AXES):
+            raise ConfigError(f"mirror_axes must be distinct axes among 0, 1, 2 (z, y, x) in order, got {list(self.mirror_axes)}")
         validate_tasks(self.tasks)
         for task in self.tasks:
             if task.num_classes > self.num_classes:
@@ -164,6 +172,7 @@ class UniSegConfig:
                 **({} if self.fusion_width is None else {"fusion_width": self.fusion_width}),
             },
             "tasks": [t.to_dict() for t in self.tasks],
+            **({} if self.mirror_axes == ALL_AXES else {"mirror_axes": list(self.mirror_axes)}),
             "license": self.license,
             "source": self.source,
         }
@@ -172,7 +181,7 @@ class UniSegConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> UniSegConfig:
         """Parse ``config.json``; unknown keys, missing keys and wrong types are ConfigErrors."""
         _check_keys(data, required={"format", "format_version", "architecture", "tasks"},
-                    optional={"license", "source"}, where="config")
+                    optional={"license", "source", "mirror_axes"}, where="config")
         if data["format"] != CONFIG_FORMAT:
             raise ConfigError(f"config: format must be {CONFIG_FORMAT!r}, got {data['format']!r}")
         if data["format_version"] != CONFIG_VERSION:
@@ -196,6 +205,8 @@ class UniSegConfig:
             tasks=tuple(Task.from_dict(t) for t in _typed(data["tasks"], list, "config", "tasks")),
             prompted=_typed(arch.get("prompted", True), bool, where, "prompted"),
             fusion_width=None if arch.get("fusion_width") is None else _typed(arch["fusion_width"], int, where, "fusion_width"),
+            mirror_axes=tuple(_typed(a, int, "config", "mirror_axes")
+                              for a in _typed(data.get("mirror_axes", list(ALL_AXES)), list, "config", "mirror_axes")),
             license=_typed(data.get("license", ""), str, "config", "license"),
             source=_typed(data.get("source", ""), str, "config", "source"),
         )

@@ -25,6 +25,10 @@ TRAIN_PRECISION = typer.Option(
     "auto", "--precision", metavar="auto|fp32|bf16|fp16",
     help="Autocast of the training steps. auto: fp16 with a gradient scaler on CUDA (the published recipe), bf16 on "
          "CPUs with native bf16 instructions (about 3x faster there), else fp32.")
+MIRROR_AXES = typer.Option(
+    None, "--mirror-axes", metavar="z,y,x|none",
+    help="Axes that training mirrors and that TTA then flips (recorded in config.json; nnU-Net: all three). Leave "
+         "out x when labels are left/right structures.")
 RESUME = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last finished epoch.")
 
 
@@ -32,6 +36,18 @@ def check_fold(fold: str) -> str:
     if fold != "all" and not fold.isdigit():
         raise UsageError(f"--fold must be a number or 'all', got {fold!r}")
     return fold
+
+def parse_mirror_axes(text: str | None) -> tuple[int, ...] | None:
+    """``"z,y,x"``, a subset such as ``"z,y"``, or ``"none"`` → array axes (0, 1, 2); None when not given."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    names = [n.strip().lower() for n in text.split(",")]
+    if not names or any(n not in "zyx" or not n for n in names) or len(set(names)) != len(names):
+        raise UsageError(f"--mirror-axes must be axes among z, y, x (comma-separated) or none, got {text!r}")
+    return tuple(sorted("zyx".index(n) for n in names))
+
 
 N = TypeVar("N", int, float)
 

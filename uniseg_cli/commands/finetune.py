@@ -13,12 +13,14 @@ from uniseg_cli.commands._options import (
     DEVICE,
     FOLD,
     LEARNING_RATE,
+    MIRROR_AXES,
     QUIET,
     RESUME,
     SEED,
     SPLIT_FILE,
     TRAIN_PRECISION,
     check_fold,
+    parse_mirror_axes,
     parse_triple,
 )
 
@@ -47,6 +49,7 @@ def finetune(
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Worker processes for pre-processing and for data loading (0: data loading in this process)."),
     seed: int = SEED,
     precision: str = TRAIN_PRECISION,
+    mirror_axes: Optional[str] = MIRROR_AXES,
     resume: bool = RESUME,
     quiet: bool = QUIET,
 ) -> None:
@@ -72,6 +75,7 @@ def finetune(
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
     check_fold(fold)
     spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")
+    axes = parse_mirror_axes(mirror_axes)
     output = output or Path(f"{dataset.resolve().name}-finetuned")
     options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
                            learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
@@ -79,6 +83,7 @@ def finetune(
                            precision=precision, freeze_encoder_epochs=freeze_encoder)
     result = run(dataset, output, model=model, mode=mode, task_name=task_name, freeze_upstream=freeze_upstream,
                  preprocessed=preprocessed, target_spacing=spacing, workers=max(workers, 1), tolerance=tolerance,
+                 mirror_axes=axes,
                  window=WindowOptions(step=step, mirror=tta),
                  options=options)
     if result.evaluation is not None:

@@ -13,12 +13,14 @@ from uniseg_cli.commands._options import (
     DEVICE,
     FOLD,
     LEARNING_RATE,
+    MIRROR_AXES,
     QUIET,
     RESUME,
     SEED,
     SPLIT_FILE,
     TRAIN_PRECISION,
     check_fold,
+    parse_mirror_axes,
     parse_triple,
 )
 
@@ -41,7 +43,8 @@ def train(
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading worker processes (0 = in the training process)."),
     seed: int = SEED,
     precision: str = TRAIN_PRECISION,
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="nnU-Net moreDA augmentation on the training device."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="nnU-Net moreDA augmentation on the training device (without it, no mirroring and no mirroring TTA)."),
+    mirror_axes: Optional[str] = MIRROR_AXES,
     resume: bool = RESUME,
     quiet: bool = QUIET,
 ) -> None:
@@ -69,8 +72,9 @@ def train(
     check_fold(fold)
     patch = parse_triple(patch_size, "--patch-size", int, "integers")
     tasks = read_plan(data)
+    axes = parse_mirror_axes(mirror_axes)
     config = None if resume else training_config(tasks, preset, patch_size=patch, base_features=base_features,
-                                                 max_features=max_features)
+                                                 max_features=max_features, mirror_axes=axes)
     options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
                            learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
                            device=device, workers=workers, seed=seed, resume=resume, augment=augment,

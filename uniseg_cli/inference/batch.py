@@ -59,7 +59,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     options = segmenter.window
     log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key,
              segmenter.model_name + (" (default)" if model is None else ""),
-             segmenter.device, options.precision, "on" if options.mirror else "off", options.step)
+             segmenter.device, options.precision, _tta(options.mirror, segmenter.model.config.mirror_axes), options.step)
     records: list[dict] = []
     if statistics_csv is not None:  # every case's labels, written as one table when the batch ends
         inner = emit
@@ -197,6 +197,15 @@ def _finished(value: object) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def _tta(mirror: bool, axes: tuple[int, ...]) -> str:
+    """How the log names the TTA: on, off, or the axes a model restricts it to (its ``mirror_axes``)."""
+    if not mirror:
+        return "off"
+    if axes == (0, 1, 2):
+        return "on"
+    return "on, " + ("+".join("zyx"[a] for a in axes) + " only" if axes else "no axes in this model")
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,7 +21,6 @@ from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import Task
 
-MIRROR_AXES = (2, 3, 4)  # z, y, x of a (batch, channels, z, y, x) tensor
 
 
 def tile_starts(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
@@ -122,7 +121,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
     sums = [torch.zeros((head[1], *padded.shape[1:]), dtype=torch.float32, device=results) for head in tasks]
     weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=results)
     corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
-    mirrors = [()] + [m for r in (1, 2, 3) for m in itertools.combinations(MIRROR_AXES, r)] if options.mirror else [()]
+    mirrors = mirror_combinations(model.config.mirror_axes) if options.mirror else [()]
     passes, done = len(corners) * len(mirrors), 0
 
     def mirror_done(tiles: int) -> None:
@@ -143,6 +142,13 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
                 total[(slice(None), *window)].addcmul_(prediction[i], gaussian)  # no temporary per tile
     weights = weights[crop]
     return [total[(slice(None), *crop)] / weights for total in sums]
+
+
+def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of flips of the (z, y, x) ``axes``, none first, as dimensions of a (batch,
+    channels, z, y, x) tensor: the published 8 for all three axes, 4 for two, 1 (no flip) for none."""
+    dims = [2 + a for a in axes]
+    return [()] + [m for r in range(1, len(dims) + 1) for m in itertools.combinations(dims, r)]
 
 
 def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[int, ...]],

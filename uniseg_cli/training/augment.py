@@ -63,8 +63,10 @@ def _gamma(x: torch.Tensor, gamma: float, invert: bool) -> torch.Tensor:
 
 
 def intensity_and_mirror(image: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator,
-                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The intensity transforms and mirroring of one sample (C, z, y, x), drawn from ``rng``."""
+                         generator: torch.Generator,
+                         mirror_axes: Sequence[int] = (0, 1, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intensity transforms and mirroring of one sample (C, z, y, x), drawn from ``rng``; flips only
+    along ``mirror_axes`` (the model's, which TTA then uses)."""
     image = image.clone()
     if rng.random() < 0.1:  # Gaussian noise, variance U(0, 0.1)
         noise = torch.randn(image.shape, generator=generator, device=image.device)
@@ -94,7 +96,8 @@ def intensity_and_mirror(image: torch.Tensor, labels: torch.Tensor, rng: np.rand
     if rng.random() < 0.3:  # gamma U(0.7, 1.5)
         for c in range(image.shape[0]):
             image[c] = _gamma(image[c], _gamma_value(rng), invert=False)
-    flips = [axis for axis in range(3) if rng.random() < 0.5]
+    # one draw per axis whichever are allowed, so that a sample's other transforms do not depend on them
+    flips = [axis for axis in range(3) if rng.random() < 0.5 and axis in mirror_axes]
     if flips:
         image = torch.flip(image, [1 + a for a in flips])
         labels = torch.flip(labels, flips)
@@ -107,7 +110,7 @@ def _gamma_value(rng: np.random.Generator) -> float:
 
 
 def augment_batch(batch: dict[str, object], device: torch.device, patch_size: Sequence[int], *,
-                  augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  augment: bool = True, mirror_axes: Sequence[int] = (0, 1, 2)) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader batch to ``(images (B, C, …) float32, labels (B, …) int64)`` on ``device``, augmented."""
     rng = np.random.default_rng(int(batch["seed"]))  # type: ignore[arg-type]
     generator = torch.Generator(device=device)
@@ -118,7 +121,7 @@ def augment_batch(batch: dict[str, object], device: torch.device, patch_size: Se
         seg = seg.to(device, non_blocking=True).long()
         image, seg = spatial_transform(image, seg, matrix, patch_size)
         if augment:
-            image, seg = intensity_and_mirror(image, seg, rng, generator)
+            image, seg = intensity_and_mirror(image, seg, rng, generator, mirror_axes)
         images.append(image)
         labels.append(seg)
     return torch.stack(images), torch.stack(labels)

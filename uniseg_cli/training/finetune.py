@@ -178,10 +178,14 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
              task_name: str | None = None, freeze_upstream: bool = False, preprocessed: str | Path | None = None,
              target_spacing: tuple[float, float, float] | None = None, workers: int | None = None,
              tolerance: float = 1.0, window: WindowOptions = WindowOptions(),
+             mirror_axes: tuple[int, ...] | None = None,
              options: TrainOptions = TrainOptions(epochs=FINETUNE_EPOCHS, batches_per_task=FINETUNE_BATCHES)
              ) -> FinetuneResult:
     """Check and pre-process ``dataset`` (cached), adapt the pretrained model, train, and evaluate the
-    held-out cases with ``window`` (predict's options: the same defaults, the same flags)."""
+    held-out cases with ``window`` (predict's options: the same defaults, the same flags).
+
+    ``mirror_axes`` (default: the pretrained model's, so that the tasks it keeps keep their TTA) are
+    the axes training mirrors and the fine-tuned model's TTA flips."""
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if freeze_upstream and mode != "new-task":
@@ -200,7 +204,8 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
         log.info("%s", note)
     config = surgery.model.config.with_changes(
         source=f"fine-tuned ({mode}) with `uniseg finetune` from {resolved.spec} on {data.dataset} ({len(data.cases)} cases); "
-               f"pretrained: {pretrained.config.source or 'not recorded'}")
+               f"pretrained: {pretrained.config.source or 'not recorded'}",
+        **({} if mirror_axes is None else {"mirror_axes": tuple(mirror_axes)}))
     training = train(cache, output, config=config, options=options,
                      init_state=None if options.resume else surgery.model.state_dict(), trainable=surgery.trainable,
                      tasks=[data])

@@ -95,9 +95,10 @@ class TrainResult:
 
 
 def training_config(tasks: Sequence[TaskData], preset: str = "published", *, patch_size: Sequence[int] | None = None,
-                    base_features: int | None = None, max_features: int | None = None) -> UniSegConfig:
+                    base_features: int | None = None, max_features: int | None = None,
+                    mirror_axes: Sequence[int] | None = None) -> UniSegConfig:
     """The network for these tasks: the preset's architecture, as many outputs and input convolutions
-    as the tasks need."""
+    as the tasks need; ``mirror_axes`` those that training flips and TTA then flips (default all)."""
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     base = UniSegConfig() if preset == "published" else small_config()
@@ -114,6 +115,8 @@ def training_config(tasks: Sequence[TaskData], preset: str = "published", *, pat
         changes["base_features"] = base_features
     if max_features is not None:
         changes["max_features"] = max_features
+    if mirror_axes is not None:
+        changes["mirror_axes"] = tuple(mirror_axes)
     return base.with_changes(**changes)
 
 
@@ -271,6 +274,10 @@ def train(data_folder: str | Path, output: str | Path, *, config: UniSegConfig |
     if state is not None:
         config = UniSegConfig.from_dict(json.loads(state["config"]))
     config = config or training_config(tasks, preset)
+    if not options.augment and config.mirror_axes and state is None:
+        log.info("no augmentation: the model never sees a mirrored patch, so its config records no mirror axes "
+                 "and predict's TTA will not flip it")
+        config = config.with_changes(mirror_axes=())
     tasks = _model_tasks(tasks, config)
     if options.freeze_encoder_epochs and dist_info.world > 1:
         raise UsageError("--freeze-encoder is not available under torchrun (DDP cannot change which weights train)")
@@ -510,7 +517,7 @@ def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     """One optimiser step (under ``autocast`` unless None); the loss and the finest output's soft Dice per
     class (region) of the batch."""
     task = tasks[int(batch["task"])].task
-    images, labels = augment_batch(batch, device, config.patch_size, augment=augment)
+    images, labels = augment_batch(batch, device, config.patch_size, augment=augment, mirror_axes=config.mirror_axes)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
         outputs = network(images, task.id)
