@@ -55,11 +55,20 @@ def test_freeze_encoder_keeps_the_encoder(run_cli, small_model_dir, kidney_datas
 
 
 def test_finetune_mirror_axes_are_recorded(run_cli, small_model_dir, kidney_dataset, tmp_path):
-    out = tmp_path / "lateral"
-    code, _, err = run_cli("finetune", kidney_dataset, "-m", small_model_dir, "-o", out, "--mirror-axes", "y,z",
-                           "--epochs", "1", "--batches-per-task", "1", *QUICK[4:])
-    assert code == 0, err
-    assert json.loads((out / "config.json").read_text())["mirror_axes"] == [0, 1]
+    from uniseg_cli import load_model, save_model
+
+    unmirrored = load_model(small_model_dir)
+    unmirrored.config = unmirrored.config.with_changes(mirror_axes=())
+    unmirrored = save_model(unmirrored, tmp_path / "unmirrored")
+    for model, args, axes in ((small_model_dir, ["--mirror-axes", "y,z"], [0, 1]),
+                              (small_model_dir, ["--no-augment"], []),
+                              (unmirrored, ["--mode", "new-task"], []),       # the upstream tasks keep their TTA
+                              (unmirrored, ["--mode", "downstream"], None)):  # a new dataset: all three
+        out = tmp_path / "-".join(a.strip("-") for a in args)
+        code, _, err = run_cli("finetune", kidney_dataset, "-m", model, "-o", out, *args,
+                               "--preprocessed", tmp_path / "prep", "--epochs", "1", "--batches-per-task", "1", *QUICK[4:])
+        assert code == 0, err
+        assert json.loads((out / "config.json").read_text()).get("mirror_axes") == axes
 
 
 def test_new_task_with_frozen_upstream_leaves_the_other_tasks_unchanged(run_cli, small_model_dir, kidney_dataset,

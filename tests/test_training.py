@@ -33,7 +33,7 @@ def test_epoch_schedule_gives_every_task_the_same_number_of_batches():
     assert [task for _, _, task in items] == schedule[:250] and len(ranks[0]) == 125
 
 
-def test_last_third_of_each_batch_is_centred_on_foreground(kidney_prep):
+def test_last_third_of_each_batch_holds_foreground_and_patches_stay_inside_the_image(kidney_prep):
     from uniseg_cli.data.training_cache import read_plan
     from uniseg_cli.training.sampling import PatchBatches, forced_foreground
 
@@ -45,11 +45,31 @@ def test_last_third_of_each_batch_is_centred_on_foreground(kidney_prep):
         batch = batches[(0, index, 0)]
         assert batch["task"] == 0 and all(m is None for m in batch["matrices"])
         assert all(tuple(x.shape) == (1, 32, 64, 64) for x in batch["images"])
-        assert batch["labels"][2][16, 32, 32] == 1                      # forced: centre on kidney
+        assert batch["classes"][:2] == [None, None] and batch["classes"][2] == 1
+        assert batch["labels"][2].eq(1).any()                           # forced: holds kidney
         random_hits += sum(int(lab.any()) for lab in batch["labels"][:2])
     assert random_hits < 40                                             # the others are not all forced
     again = batches[(0, 7, 0)]
     assert torch.equal(again["images"][0], batches[(0, 7, 0)]["images"][0])   # (epoch, index) decides
+
+
+def test_patches_lie_inside_the_image_or_centred_where_it_is_narrower():
+    """As nnU-Net's loader: no patch reaches outside an image at least a patch wide, so training sees no
+    zero padding that the sliding window would not show; a narrower axis is padded evenly."""
+    from uniseg_cli.training.sampling import PatchBatches
+
+    batches = PatchBatches([], [], (8, 8, 8), 1, seed=0, spatial=None)
+    rng = np.random.default_rng(0)
+    shape = (20, 12, 6)                                                 # the last axis narrower than a patch
+    corner = np.array([[0, 0, 0]])
+    starts = []
+    for forced in (False, True):
+        for _ in range(300):
+            centre, _ = batches._centre(rng, {1: corner, 2: np.array([[19, 11, 5]])}, shape, forced)
+            starts.append(centre - 4)
+    starts = np.array(starts)
+    assert starts[:, 0].min() == 0 and starts[:, 0].max() == 12 and starts[:, 1].max() == 4
+    assert set(starts[:, 2]) == {-1}                                    # 6 wide: one voxel of padding each side
 
 
 # --------------------------------------------------------------------------------- augmentation

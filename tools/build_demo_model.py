@@ -87,13 +87,22 @@ def write_brain_dataset(root: Path, shared: Path) -> list[str]:
 
 
 def _score(uniseg: list[str], root: Path, task: str, case: str, prediction: Path, model: Path) -> dict:
-    """``uniseg predict`` (default settings) on one case of a dataset, ``uniseg evaluate`` against its labels."""
-    channels = len(json.loads((root / "dataset.json").read_text())["channel_names"])
-    images = ",".join(str(root / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(channels))
+    """``uniseg predict`` (default settings) on one case of a dataset, ``uniseg evaluate`` against its labels,
+    renumbered as the task's classes (dataset.json's order: BraTS's edema 2, non-enhancing 1 and enhancing
+    4 are the brain task's classes 1, 2 and 3)."""
+    meta = json.loads((root / "dataset.json").read_text())
+    images = ",".join(str(root / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(len(meta["channel_names"])))
     subprocess.run([*uniseg, "predict", images, "--task", task, "-m", str(model), "-o", str(prediction), "--device",
-                    "cpu", "-q"], check=True)
-    report = subprocess.run([*uniseg, "evaluate", str(prediction), str(root / "labelsTr" / f"{case}.nii.gz"), "--json",
-                             "--labels", ",".join(str(v) for v in range(1, 4 if task == "brain_tumor" else 2))],
+                    "cpu", "-q", "--no-sidecar"], check=True)
+    values = [v for v in meta["labels"].values() if v != 0]
+    labels = sitk.ReadImage(str(root / "labelsTr" / f"{case}.nii.gz"))
+    array = sitk.GetArrayFromImage(labels)
+    classes = sitk.GetImageFromArray(np.select([array == v for v in values], range(1, len(values) + 1), 0).astype(np.uint8))
+    classes.CopyInformation(labels)
+    reference = prediction.with_name(prediction.name.replace(".nii.gz", "_reference.nii.gz"))
+    sitk.WriteImage(classes, str(reference), useCompression=True)
+    report = subprocess.run([*uniseg, "evaluate", str(prediction), str(reference), "--json",
+                             "--labels", ",".join(str(v) for v in range(1, len(values) + 1))],
                             check=True, capture_output=True, text=True)
     return json.loads(report.stdout)["cases"][0]["labels"]
 

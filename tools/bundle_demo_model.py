@@ -28,6 +28,19 @@ LICENSE = ("Apache-2.0 (weights trained by the uniseg developers on Apache-2.0 e
            "model, not for clinical or research use)")
 
 
+def _rows(config: UniSegConfig, results: dict) -> list[str]:
+    """Table rows (task, case, label, Dice, HD95, voxels) of a ``{task/case: {value: scores}}`` file."""
+    rows = []
+    for key, labels in results.items():
+        task, case = key.split("/")
+        names = next(t for t in config.tasks if t.key == task).labels
+        for value, scores in labels.items():
+            hd95 = "–" if scores["hd95"] is None else f"{scores['hd95']:.1f}"
+            rows.append(f"| {task} | {case} | {names[int(value) - 1]} | {scores['dice']:.3f} | {hd95} | "
+                        f"{scores['reference_voxels']} | {scores['predicted_voxels']} |")
+    return rows
+
+
 def main() -> int:
     work = Path(sys.argv[1])
     target = ROOT / "uniseg_cli" / "weights" / NAME
@@ -40,15 +53,9 @@ def main() -> int:
     shutil.copyfile(work / "model" / "model.safetensors", target / "model.safetensors")
     log = [json.loads(line) for line in (work / "model" / "training_log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if "epoch" in r and "event" not in r]
-    held_out = json.loads((work / "held_out.json").read_text())
-    rows = []
-    for key, labels in held_out.items():
-        task, case = key.split("/")
-        names = next(t for t in config.tasks if t.key == task).labels
-        for value, scores in labels.items():
-            hd95 = "–" if scores["hd95"] is None else f"{scores['hd95']:.1f}"
-            rows.append(f"| {task} | {case} | {names[int(value) - 1]} | {scores['dice']:.3f} | {hd95} | "
-                        f"{scores['reference_voxels']} | {scores['predicted_voxels']} |")
+    rows = _rows(config, json.loads((work / "held_out.json").read_text()))
+    fit_rows = _rows(config, json.loads((work / "training_fit.json").read_text()))
+    augmented = config.mirror_axes != ()
     minutes = sum(r["seconds"] for r in epochs) / 60
     with safe_open(str(target / "model.safetensors"), framework="np") as f:
         parameters = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
@@ -61,8 +68,9 @@ use, take the published UniSeg weights (`uniseg weights download uniseg-11task`)
 
 ## What it is
 
-A UniSeg network in the `small` configuration (patch 32×64×64, features {', '.join(map(str, config.stage_features))},
-{parameters:,} parameters) with four prompted tasks, all resampled to 3 mm isotropic:
+A UniSeg network in the `small` configuration (patch 32×64×64) with features
+{', '.join(map(str, config.stage_features))} ({parameters:,} parameters) and four prompted tasks, all resampled
+to 3 mm isotropic:
 
 | task | input | labels |
 |---|---|---|
@@ -78,14 +86,24 @@ Built with `python tools/build_demo_model.py WORK` (which calls `uniseg preproce
 - Brain tumour: one glioma case (TCGA-FG-6692, T1/T1ce/T2/FLAIR, skull-stripped, 1 mm, from the
   BrainLesion tutorials, Apache-2.0 repository; images from TCIA TCGA-LGG) with the majority vote of five
   BraTS algorithms as the target, mapped edema 2 → 1, necrosis/non-enhancing 1 → 2, enhancing 4 → 3.
-- `uniseg train --preset small --epochs {len(epochs)} --batches-per-task 50 --batch-size 2` on 2 CPU cores
-  (AMD EPYC): {len(epochs)} epochs × {len(config.tasks)} tasks × 50 batches of 2 patches, the published recipe
-  otherwise (augmentation, Dice + CE, SGD 0.99, poly lr from 0.01), {minutes:.0f} minutes of training epochs (validation not counted). Final weights
-  (training loss {epochs[-1]['loss']:.3f}).
+- `uniseg train --preset small --base-features {config.base_features} --max-features {config.max_features}{'' if augmented else ' --no-augment'} --epochs {len(epochs)} --batches-per-task 50`
+  on 2 CPU cores (AMD EPYC, {epochs[-1].get('precision', 'fp32')} training steps): {len(epochs)} epochs × {len(config.tasks)} tasks × 50 batches of 2
+  patches, the published recipe otherwise (Dice + CE, deep supervision, SGD 0.99, poly lr from 0.01){'' if augmented else
+  ', but without augmentation: a demonstration model is meant to fit the scans it shows, and one CT with rotations, scaling and mirroring is more than this network fits in minutes. Having seen no mirrored patch, its config records no mirror axes, so mirroring TTA does not apply to it'}. {minutes:.0f} minutes
+  of training epochs (validation not counted). Final weights (training loss {epochs[-1]['loss']:.3f}).
+
+## How well it fits what it was trained on
+
+`uniseg predict` (default settings) and `uniseg evaluate` on the training cases themselves, against the same
+label maps it was trained on:
+
+| task | training case | label | Dice | HD95 (mm) | reference voxels | predicted voxels |
+|---|---|---|---|---|---|---|
+""" + "\n".join(fit_rows) + f"""
 
 ## How good it is, on cases it was not trained on
 
-`uniseg predict` (default settings: mirroring, step 0.5) and `uniseg evaluate` on the held-out cases:
+`uniseg predict` (default settings: step 0.5, TTA where the model allows it) and `uniseg evaluate` on the held-out cases:
 TotalSegmentator's DICOM example CT (a different patient, 512×512×20 at 0.98×0.98×2 mm, upper abdomen, no
 kidneys in it; target again TotalSegmentator's model output) and the second glioma case TCGA-DU-7294
 (which has no enhancing tumour in its fused map). One case per task: these numbers show the model runs,

@@ -25,6 +25,9 @@ TRAIN_PRECISION = typer.Option(
     "auto", "--precision", metavar="auto|fp32|bf16|fp16",
     help="Autocast of the training steps. auto: fp16 with a gradient scaler on CUDA (the published recipe), bf16 on "
          "CPUs with native bf16 instructions (about 3x faster there), else fp32.")
+AUGMENT = typer.Option(True, "--augment/--no-augment",
+                       help="nnU-Net moreDA augmentation on the training device (without it, no mirroring and no "
+                            "mirroring TTA).")
 MIRROR_AXES = typer.Option(
     None, "--mirror-axes", metavar="z,y,x|none",
     help="Axes that training mirrors and that TTA then flips (recorded in config.json; nnU-Net: all three). Leave "

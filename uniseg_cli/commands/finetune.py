@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from uniseg_cli.commands._options import (
+    AUGMENT,
     BATCH_SIZE,
     DEVICE,
     FOLD,
@@ -49,6 +50,7 @@ def finetune(
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Worker processes for pre-processing and for data loading (0: data loading in this process)."),
     seed: int = SEED,
     precision: str = TRAIN_PRECISION,
+    augment: bool = AUGMENT,
     mirror_axes: Optional[str] = MIRROR_AXES,
     resume: bool = RESUME,
     quiet: bool = QUIET,
@@ -80,7 +82,7 @@ def finetune(
     options = TrainOptions(epochs=epochs, batches_per_task=batches_per_task, batch_size=batch_size,
                            learning_rate=learning_rate, fold=fold, split_file=split_file, val_every=val_every,
                            device=device, workers=workers, seed=seed, resume=resume, progress=not quiet,
-                           precision=precision, freeze_encoder_epochs=freeze_encoder)
+                           precision=precision, augment=augment, freeze_encoder_epochs=freeze_encoder)
     result = run(dataset, output, model=model, mode=mode, task_name=task_name, freeze_upstream=freeze_upstream,
                  preprocessed=preprocessed, target_spacing=spacing, workers=max(workers, 1), tolerance=tolerance,
                  mirror_axes=axes,

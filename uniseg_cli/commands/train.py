@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from uniseg_cli.commands._options import (
+    AUGMENT,
     BATCH_SIZE,
     DEVICE,
     FOLD,
@@ -43,7 +44,7 @@ def train(
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading worker processes (0 = in the training process)."),
     seed: int = SEED,
     precision: str = TRAIN_PRECISION,
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="nnU-Net moreDA augmentation on the training device (without it, no mirroring and no mirroring TTA)."),
+    augment: bool = AUGMENT,
     mirror_axes: Optional[str] = MIRROR_AXES,
     resume: bool = RESUME,
     quiet: bool = QUIET,

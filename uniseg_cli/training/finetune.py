@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from uniseg_cli.config import ALL_AXES
 from uniseg_cli.data.datasets import default_task_key, label_classes, read_dataset
 from uniseg_cli.data.training_cache import TaskData, preprocess_datasets
 from uniseg_cli.errors import UsageError
@@ -184,8 +185,9 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
     """Check and pre-process ``dataset`` (cached), adapt the pretrained model, train, and evaluate the
     held-out cases with ``window`` (predict's options: the same defaults, the same flags).
 
-    ``mirror_axes`` (default: the pretrained model's, so that the tasks it keeps keep their TTA) are
-    the axes training mirrors and the fine-tuned model's TTA flips."""
+    ``mirror_axes`` are the axes training mirrors and the fine-tuned model's TTA flips; by default all
+    three (nnU-Net's recipe for a new dataset) in ``downstream`` mode, and the pretrained model's in
+    ``new-task`` mode, so that the tasks it keeps keep their TTA."""
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if freeze_upstream and mode != "new-task":
@@ -205,7 +207,8 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
     config = surgery.model.config.with_changes(
         source=f"fine-tuned ({mode}) with `uniseg finetune` from {resolved.spec} on {data.dataset} ({len(data.cases)} cases); "
                f"pretrained: {pretrained.config.source or 'not recorded'}",
-        **({} if mirror_axes is None else {"mirror_axes": tuple(mirror_axes)}))
+        mirror_axes=tuple(mirror_axes) if mirror_axes is not None else
+        ALL_AXES if mode == "downstream" else pretrained.config.mirror_axes)
     training = train(cache, output, config=config, options=options,
                      init_state=None if options.resume else surgery.model.state_dict(), trainable=surgery.trainable,
                      tasks=[data])

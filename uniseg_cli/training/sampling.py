@@ -86,11 +86,12 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, object]:
         epoch, index, task = item
         rng = np.random.default_rng([self.seed, epoch, index])
-        images, labels, matrices = [], [], []
+        images, labels, matrices, classes = [], [], [], []
         for forced in forced_foreground(self.batch_size):
             case = self.cases[task][int(rng.integers(len(self.cases[task])))]
             image, seg, locations = self._case(task, case)
-            centre = self._centre(rng, locations, seg.shape, forced)
+            centre, chosen = self._centre(rng, locations, seg.shape, forced)
+            classes.append(chosen)
             matrix = self._matrix(rng)
             half = (self.patch - 1) / 2
             reach = np.ceil(np.abs(matrix) @ half).astype(np.int64) + 1 if matrix is not None else None
@@ -102,7 +103,7 @@ class PatchBatches(torch.utils.data.Dataset):
             images.append(torch.from_numpy(crop_padded(image, low, high)))
             labels.append(torch.from_numpy(crop_padded(seg, low, high)))
             matrices.append(None if matrix is None else torch.from_numpy(matrix.astype(np.float32)))
-        return {"task": task, "images": images, "labels": labels, "matrices": matrices,
+        return {"task": task, "images": images, "labels": labels, "matrices": matrices, "classes": classes,
                 "seed": int(rng.integers(2**62))}
 
     def _case(self, task: int, case: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
@@ -113,13 +114,28 @@ class PatchBatches(torch.utils.data.Dataset):
         return self._cases[key]
 
     def _centre(self, rng: np.random.Generator, locations: dict[int, np.ndarray], shape: Sequence[int],
-                forced: bool) -> np.ndarray:
-        if forced:
-            if locations:
-                classes = sorted(locations)
-                positions = locations[classes[int(rng.integers(len(classes)))]]
-                return positions[int(rng.integers(len(positions)))].copy()
-        return np.array([int(rng.integers(s)) for s in shape], dtype=np.int64)
+                forced: bool) -> tuple[np.ndarray, int | None]:
+        """The patch centre and, for a forced sample, the class it was drawn for.
+
+        As nnU-Net's loader, a patch lies inside the image wherever the image is at least a patch wide
+        (centred, padded evenly, where it is narrower): a random patch starts anywhere in that range, a
+        forced one is placed on a voxel of a class picked uniformly among those present, moved inwards
+        just enough to stay inside (nnU-Net clamps only the lower side). Patches reaching half outside
+        the image would train on zero padding that the sliding window never shows the network, and a
+        network can learn where the padding is instead of what the anatomy is.
+        """
+        size = np.asarray(shape, dtype=np.int64)
+        lowest = np.where(size >= self.patch, 0, -((self.patch - size) // 2))
+        highest = np.where(size >= self.patch, size - self.patch, lowest)
+        chosen = None
+        if forced and locations:
+            classes = sorted(locations)
+            chosen = classes[int(rng.integers(len(classes)))]
+            positions = locations[chosen]
+            start = np.clip(positions[int(rng.integers(len(positions)))] - self.patch // 2, lowest, highest)
+        else:
+            start = np.array([int(rng.integers(low, high + 1)) for low, high in zip(lowest, highest)], dtype=np.int64)
+        return start + self.patch // 2, chosen
 
     def _matrix(self, rng: np.random.Generator) -> np.ndarray | None:
         if self.spatial is None:
