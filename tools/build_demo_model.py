@@ -1,12 +1,14 @@
 """Build the bundled demo model from the real scans in ../shared/data with `uniseg preprocess` and `uniseg train`.
 
     python tools/build_demo_model.py WORK_FOLDER [--epochs 40] [--base-features 4] [--max-features 32]
-                                                 [--no-augment] [--shared ../shared/data]
+                                                 [--no-augment] [--hold-out-dicom-ct] [--shared ../shared/data]
 
 1. Writes nnU-Net v2 datasets into WORK_FOLDER/raw/ from the Apache-2.0 scans only:
-   - CT tasks liver, kidney, spleen: TotalSegmentator's example CT (training) and
-     its DICOM example CT, converted to NIfTI with its label map resampled onto the DICOM grid (held
-     out; it has no kidney). TotalSegmentator ids: spleen 1, kidneys 2+3, liver 5.
+   - CT tasks liver, kidney, spleen: TotalSegmentator's example CT and its DICOM example CT (the two
+     CTs the package ships in tests/data), the latter converted to NIfTI with its label map resampled
+     onto the DICOM grid (it has no kidney). Both train, so that the demo fits both shipped examples;
+     --hold-out-dicom-ct holds the DICOM CT out instead. TotalSegmentator ids: spleen 1, kidneys 2+3,
+     liver 5.
    - brain_tumor (T1, T1ce, T2, FLAIR): the two BrainLesion/TCGA cases with the fused BraTS-algorithm
      map; TCGA-FG-6692 (all three classes) trains, TCGA-DU-7294 is held out.
 2. `uniseg preprocess` at 3 mm isotropic (so that a whole CT is a few dozen tiles of the small network).
@@ -115,6 +117,8 @@ def main() -> int:
     parser.add_argument("--batches-per-task", type=int, default=50)
     parser.add_argument("--base-features", type=int, default=4)
     parser.add_argument("--max-features", type=int, default=32)
+    parser.add_argument("--hold-out-dicom-ct", action="store_true",
+                        help="train the CT tasks on the example CT only and score them on the DICOM CT")
     parser.add_argument("--no-augment", action="store_true",
                         help="train without augmentation (and so without mirroring TTA): fits the scans fastest")
     args = parser.parse_args()
@@ -124,7 +128,8 @@ def main() -> int:
     specs = []
     for task, values in CT_TASKS.items():
         names = write_ct_dataset(raw / f"Dataset_{task}", task, values, cases)
-        splits[task] = [{"train": ["totalseg_ct"], "val": [n for n in names if n != "totalseg_ct"]}]
+        held_out = [n for n in names if n != "totalseg_ct"] if args.hold_out_dicom_ct else []
+        splits[task] = [{"train": [n for n in names if n not in held_out], "val": held_out}]
         specs += ["-d", f"{task}={raw / f'Dataset_{task}'}"]
     write_brain_dataset(raw / "Dataset_brain_tumor", args.shared)
     splits["brain_tumor"] = [{"train": [BRAIN_TRAIN], "val": [BRAIN_VAL]}]

@@ -56,6 +56,7 @@ def main() -> int:
     rows = _rows(config, json.loads((work / "held_out.json").read_text()))
     fit_rows = _rows(config, json.loads((work / "training_fit.json").read_text()))
     augmented = config.mirror_axes != ()
+    ct_both = any(key.endswith("/totalseg_dicom_ct") for key in json.loads((work / "training_fit.json").read_text()))
     minutes = sum(r["seconds"] for r in epochs) / 60
     with safe_open(str(target / "model.safetensors"), framework="np") as f:
         parameters = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
@@ -63,8 +64,8 @@ def main() -> int:
 
 **A demonstration model, not a medical device and not a research result.** It exists so that
 `uniseg predict` runs offline on a fresh install and the whole toolchain (`preprocess`, `train`, `predict`,
-`evaluate`, `finetune`, `export`) can be tried in minutes on a CPU. Its segmentations are rough. For real
-use, take the published UniSeg weights (`uniseg weights download uniseg-11task`) or train your own.
+`evaluate`, `finetune`, `export`) can be tried in minutes on a CPU. {'It fits the scans it was trained on and little else' if not augmented else 'Its segmentations are rough'}. For
+real use, take the published UniSeg weights (`uniseg weights download uniseg-11task`) or train your own.
 
 ## What it is
 
@@ -80,16 +81,17 @@ to 3 mm isotropic:
 
 Built with `python tools/build_demo_model.py WORK` (which calls `uniseg preprocess` and `uniseg train`):
 
-- CT tasks: one abdominal CT, TotalSegmentator's `example_ct.nii.gz` (122×101×112 at 3 mm; the same file
-  as `tests/data/example_ct.nii.gz`), with TotalSegmentator's *model-generated* label map as the target
-  (liver = id 5, kidney = ids 2+3, spleen = id 1). Apache-2.0.
+- CT tasks: {'two abdominal CTs, the two the package ships in `tests/data`: ' if ct_both else 'one abdominal CT, '}TotalSegmentator's `example_ct.nii.gz` (122×101×112
+  at 3 mm; `tests/data/example_ct.nii.gz`){" and its DICOM example CT (another patient, 512×512×20 at 0.98×0.98×2 mm, upper abdomen, no kidneys; `tests/data/example_ct_dicom`)" if ct_both else ''}, with
+  TotalSegmentator's *model-generated* label maps as the target (liver = id 5, kidney = ids 2+3, spleen = id
+  1). Apache-2.0.
 - Brain tumour: one glioma case (TCGA-FG-6692, T1/T1ce/T2/FLAIR, skull-stripped, 1 mm, from the
   BrainLesion tutorials, Apache-2.0 repository; images from TCIA TCGA-LGG) with the majority vote of five
   BraTS algorithms as the target, mapped edema 2 → 1, necrosis/non-enhancing 1 → 2, enhancing 4 → 3.
 - `uniseg train --preset small --base-features {config.base_features} --max-features {config.max_features}{'' if augmented else ' --no-augment'} --epochs {len(epochs)} --batches-per-task 50`
   on 2 CPU cores (AMD EPYC, {epochs[-1].get('precision', 'fp32')} training steps): {len(epochs)} epochs × {len(config.tasks)} tasks × 50 batches of 2
   patches, the published recipe otherwise (Dice + CE, deep supervision, SGD 0.99, poly lr from 0.01){'' if augmented else
-  ', but without augmentation: a demonstration model is meant to fit the scans it shows, and one CT with rotations, scaling and mirroring is more than this network fits in minutes. Having seen no mirrored patch, its config records no mirror axes, so mirroring TTA does not apply to it'}. {minutes:.0f} minutes
+  ', but without augmentation: a demonstration model is meant to fit the scans it shows, and with rotations, scaling and mirroring this network does not fit even those in minutes. Having seen no mirrored patch, its config records no mirror axes, so mirroring TTA does not apply to it'}. {minutes:.0f} minutes
   of training epochs (validation not counted). Final weights (training loss {epochs[-1]['loss']:.3f}).
 
 ## How well it fits what it was trained on
@@ -104,17 +106,15 @@ label maps it was trained on:
 ## How good it is, on cases it was not trained on
 
 `uniseg predict` (default settings: step 0.5, TTA where the model allows it) and `uniseg evaluate` on the held-out cases:
-TotalSegmentator's DICOM example CT (a different patient, 512×512×20 at 0.98×0.98×2 mm, upper abdomen, no
-kidneys in it; target again TotalSegmentator's model output) and the second glioma case TCGA-DU-7294
-(which has no enhancing tumour in its fused map). One case per task: these numbers show the model runs,
-not how well it generalises.
+{'the second glioma case TCGA-DU-7294 (which has no enhancing tumour in its fused map); no CT is held out: both Apache-2.0 CTs at hand are its training data' if ct_both else "TotalSegmentator's DICOM example CT (a different patient, 512×512×20 at 0.98×0.98×2 mm, upper abdomen, no kidneys in it; target again TotalSegmentator's model output) and the second glioma case TCGA-DU-7294 (which has no enhancing tumour in its fused map)"}.
+One case{'' if ct_both else ' per task'}: these numbers show the model runs, not how well it generalises.{'' if augmented else ' Trained on one or two scans per task without augmentation, it does not generalise: on scans it has not seen it finds next to nothing.'}
 
 | task | held-out case | label | Dice | HD95 (mm) | reference voxels | predicted voxels |
 |---|---|---|---|---|---|---|
 """ + "\n".join(rows) + f"""
 
-(An empty reference and an empty prediction count as Dice 1 by `uniseg evaluate`'s convention.) There is no
-held-out kidney case. It was not evaluated on anything else.
+(An empty reference and an empty prediction count as Dice 1 by `uniseg evaluate`'s convention.) It was not
+evaluated on anything else.
 
 ## Licence
 

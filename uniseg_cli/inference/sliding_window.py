@@ -22,7 +22,6 @@ from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import Task
 
 
-
 def tile_starts(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
     """Start of every tile per axis: evenly spread, first at 0, last ending at the border (nnU-Net).
 
