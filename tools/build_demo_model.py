@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from uniseg_cli.data.datasets import label_classes
+
 # Pancreas and vertebrae were tried (20 epochs with all five CT tasks): held-out Dice 0.00 and 0.11, and the
 # three large organs did not separate by task; the demo keeps the three CT tasks it can learn in CPU minutes.
 CT_TASKS = {"liver": [5], "kidney": [2, 3], "spleen": [1]}
@@ -98,8 +100,7 @@ def _score(uniseg: list[str], root: Path, task: str, case: str, prediction: Path
                     "cpu", "-q", "--no-sidecar"], check=True)
     values = [v for v in meta["labels"].values() if v != 0]
     labels = sitk.ReadImage(str(root / "labelsTr" / f"{case}.nii.gz"))
-    array = sitk.GetArrayFromImage(labels)
-    classes = sitk.GetImageFromArray(np.select([array == v for v in values], range(1, len(values) + 1), 0).astype(np.uint8))
+    classes = sitk.GetImageFromArray(label_classes(sitk.GetArrayFromImage(labels), values))
     classes.CopyInformation(labels)
     reference = prediction.with_name(prediction.name.replace(".nii.gz", "_reference.nii.gz"))
     sitk.WriteImage(classes, str(reference), useCompression=True)

@@ -54,9 +54,10 @@ def main() -> int:
     log = [json.loads(line) for line in (work / "model" / "training_log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if "epoch" in r and "event" not in r]
     rows = _rows(config, json.loads((work / "held_out.json").read_text()))
-    fit_rows = _rows(config, json.loads((work / "training_fit.json").read_text()))
+    training_fit = json.loads((work / "training_fit.json").read_text())
+    fit_rows = _rows(config, training_fit)
     augmented = config.mirror_axes != ()
-    ct_both = any(key.endswith("/totalseg_dicom_ct") for key in json.loads((work / "training_fit.json").read_text()))
+    ct_both = any(key.endswith("/totalseg_dicom_ct") for key in training_fit)
     minutes = sum(r["seconds"] for r in epochs) / 60
     with safe_open(str(target / "model.safetensors"), framework="np") as f:
         parameters = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())

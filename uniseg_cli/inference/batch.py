@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from uniseg_cli.config import ALL_AXES
 from uniseg_cli.errors import UnisegError, UsageError, first_line
 from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
 from uniseg_cli.inference.predictor import ALL_TASKS, CaseResult, Prediction, PreparedCase, Segmenter
@@ -203,7 +204,7 @@ def _tta(mirror: bool, axes: tuple[int, ...]) -> str:
     """How the log names the TTA: on, off, or the axes a model restricts it to (its ``mirror_axes``)."""
     if not mirror:
         return "off"
-    if axes == (0, 1, 2):
+    if axes == ALL_AXES:
         return "on"
     return "on, " + ("+".join("zyx"[a] for a in axes) + " only" if axes else "no axes in this model")
 

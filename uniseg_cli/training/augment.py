@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uniseg_cli.config import ALL_AXES
+
 
 def spatial_transform(image: torch.Tensor, labels: torch.Tensor, matrix: torch.Tensor | None,
                       patch_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,7 @@ def _gamma(x: torch.Tensor, gamma: float, invert: bool) -> torch.Tensor:
 
 def intensity_and_mirror(image: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator,
                          generator: torch.Generator,
-                         mirror_axes: Sequence[int] = (0, 1, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+                         mirror_axes: Sequence[int] = ALL_AXES) -> tuple[torch.Tensor, torch.Tensor]:
     """The intensity transforms and mirroring of one sample (C, z, y, x), drawn from ``rng``; flips only
     along ``mirror_axes`` (the model's, which TTA then uses)."""
     image = image.clone()
@@ -110,7 +112,7 @@ def _gamma_value(rng: np.random.Generator) -> float:
 
 
 def augment_batch(batch: dict[str, object], device: torch.device, patch_size: Sequence[int], *,
-                  augment: bool = True, mirror_axes: Sequence[int] = (0, 1, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+                  augment: bool = True, mirror_axes: Sequence[int] = ALL_AXES) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader batch to ``(images (B, C, …) float32, labels (B, …) int64)`` on ``device``, augmented."""
     rng = np.random.default_rng(int(batch["seed"]))  # type: ignore[arg-type]
     generator = torch.Generator(device=device)

@@ -431,7 +431,7 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
     encoder_frozen = epoch < options.freeze_encoder_epochs
     run.guard.freeze_encoder(run.model, encoder_frozen)
     losses = []
-    class_dice: dict[int, list[np.ndarray]] = {}
+    class_dice: dict[int, list[torch.Tensor]] = {}  # kept on the device: one transfer per epoch, not per step
     with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(run.sampler),
                       enabled=options.progress and dist_info.main) as advance:
         for batch in run.loader:
@@ -459,14 +459,15 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
     return record, loss, validate
 
 
-def _train_dice(tasks: Sequence[TaskData], class_dice: dict[int, list[np.ndarray]]) -> dict[str, dict[str, float]]:
+def _train_dice(tasks: Sequence[TaskData], class_dice: dict[int, list[torch.Tensor]]) -> dict[str, dict[str, float]]:
     """The epoch's mean soft Dice per task and class (region) on its training patches (this rank's): a
     class stuck near 0 while the others rise is a class the recipe does not learn."""
     result = {}
     for index, values in sorted(class_dice.items()):
         task = tasks[index].task
         names = task.region_names if task.regions else task.labels
-        result[task.key] = {name: round(float(v), 4) for name, v in zip(names, np.mean(values, axis=0))}
+        means = torch.stack(values).float().mean(0).cpu().tolist()
+        result[task.key] = {name: round(v, 4) for name, v in zip(names, means)}
     return result
 
 
@@ -513,7 +514,7 @@ def _worker_init(worker: int) -> None:
 
 def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           batch: dict[str, Any], tasks: list[TaskData], config: UniSegConfig, device: torch.device,
-          augment: bool, autocast: torch.dtype | None) -> tuple[float, np.ndarray]:
+          augment: bool, autocast: torch.dtype | None) -> tuple[float, torch.Tensor]:
     """One optimiser step (under ``autocast`` unless None); the loss and the finest output's soft Dice per
     class (region) of the batch."""
     task = tasks[int(batch["task"])].task
@@ -527,7 +528,7 @@ def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
     scaler.step(optimizer)
     scaler.update()
-    return float(loss.detach()), dice.float().cpu().numpy()
+    return float(loss.detach()), dice
 
 
 @torch.no_grad()
