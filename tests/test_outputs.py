@@ -259,13 +259,13 @@ def test_dicom_formats_need_a_dicom_input_and_a_failing_format_leaves_nothing(ru
     code, _, err = run_cli("predict", CT, "-t", "liver", "-m", coarse_model_dir, "-o", tmp_path, "-f", "nifti,png")
     assert code == 2 and "use one or more of nifti, dicom-seg, rtstruct, seg-nrrd" in err
 
-    from uniseg_cli.inference import predictor
+    from uniseg_cli.outputs import slicer
 
     def broken(path, *args, **kwargs):
         path.write_bytes(b"half a file")
         raise RuntimeError("slicerio failed")
 
-    monkeypatch.setattr(predictor, "write_seg_nrrd", broken)
+    monkeypatch.setattr(slicer, "write_seg_nrrd", broken)
     code, stdout, err = run_cli("predict", series, "-t", "liver", "-m", coarse_model_dir, "-o", tmp_path, "--no-tta",
                                 "-f", "dicom-seg,seg-nrrd,nifti", "--preview", "--json")
     assert code == 1 and "slicerio failed" in err and json.loads(stdout)["error"]
@@ -287,7 +287,7 @@ def test_without_the_dicom_extra_the_error_says_what_to_install(run_cli, coarse_
     monkeypatch.setitem(sys.modules, "highdicom", None)                        # import highdicom fails
     code, _, err = run_cli("predict", series, "-t", "liver", "-m", coarse_model_dir, "-o", tmp_path, "--no-tta",
                            "-f", "dicom-seg")
-    assert code == 1 and err.strip().endswith("--output-format dicom-seg needs the highdicom package: "
+    assert code == 2 and err.strip().endswith("--output-format dicom-seg needs the highdicom package: "
                                               "pip install 'uniseg-cli[dicom]'")
     assert list(tmp_path.iterdir()) == []
 

@@ -156,7 +156,8 @@ def test_output_equal_to_input_is_refused(run_cli, coarse_model_dir, tmp_path):
     shutil.copy(CT, scan)
     before = scan.read_bytes()
     code, _, err = run_cli("predict", scan, "-t", "kidney", "-m", coarse_model_dir, "-o", scan)
-    assert code == 2 and _one_error_line(err) == f"Error: {scan}: the output would overwrite the input"
+    assert code == 2 and _one_error_line(err) == (f"Error: {scan}: the nifti label map of case 'scan' would overwrite "
+                                                  f"the input {scan}; give another -o or format")
     assert scan.read_bytes() == before and _outputs(tmp_path) == ["scan.nii.gz"]
 
 

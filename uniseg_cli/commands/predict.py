@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ def predict(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a folder, an installed or registry name (`uniseg weights list`) or a Hub name owner/name[@revision]. Default: $UNISEG_MODEL, else `uniseg weights default` (set by the first `uniseg weights download`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (one case) or folder. Default: <case>_<task>.nii.gz (or the first --output-format's ending) in the current folder."),
     output_format: str = typer.Option("nifti", "--output-format", "-f", metavar="nifti|dicom-seg|rtstruct|seg-nrrd", help="What to write, comma-separated for several (the first names -o): nifti (label map image; .nrrd/.mha by -o's ending), dicom-seg (DICOM Segmentation referencing the series), rtstruct (RT Structure Set), seg-nrrd (3D Slicer segmentation). dicom-seg and rtstruct need DICOM series inputs."),
-    sidecar: bool = typer.Option(True, "--sidecar/--no-sidecar", help="Write <name>.json beside NIfTI label maps: value -> name, task, colour, SNOMED CT codes."),
+    sidecar: bool = typer.Option(True, "--sidecar/--no-sidecar", help="Write the case record <name>.json beside the first output (label table: value -> name, task, colour, SNOMED CT codes; every file written with its size and SHA-256; the --json record) and a label table beside every NIfTI map. --skip-existing needs it."),
     split: bool = typer.Option(False, "--split", help="With a task list or 'all': one output per task (each in its own numbering) instead of the merged map."),
     statistics: bool = typer.Option(False, "--statistics", help="Add the input's intensity (channel 0, original units: HU for CT) inside each label to the --json record: mean, std, median, min, max, p5, p95, and its bounding box in mm (LPS)."),
     statistics_csv: Optional[Path] = typer.Option(None, "--statistics-csv", metavar="FILE", help="Also write the statistics as CSV, one row per case and label (implies --statistics)."),
@@ -37,7 +36,7 @@ def predict(
     allow_gaps: bool = typer.Option(False, "--allow-gaps", help="Segment DICOM series with missing or unevenly spaced slices anyway, on an evenly spaced grid (labels beyond a gap are then shifted; refused by default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per case on stdout."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case starting at I (sorted by case name), to split a batch across jobs."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip cases whose output exists (resume an interrupted batch)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip cases whose outputs are all there as their case record lists them (resume an interrupted batch); a case with a missing, truncated or changed file is redone."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines (errors still go to stderr)."),
 ) -> None:
     """Segment scans: pre-process as published, slide the network over each, write a label map.
@@ -65,6 +64,7 @@ def predict(
     from uniseg_cli.inference.runtime import PRECISIONS, parse_size
     from uniseg_cli.inference.sliding_window import WindowOptions
     from uniseg_cli.outputs.formats import OutputOptions, parse_formats
+    from uniseg_cli.outputs.record import dumps
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
@@ -87,7 +87,7 @@ def predict(
         inputs, stdin, task=task, model=model, output=output, device=device,
         window=WindowOptions(step=step, mirror=tta, batch_size=batch_size, precision=precision),
         probabilities=save_probabilities, modality=modality, shard=shard, skip_existing=skip_existing,
-        emit=(lambda result: print(json.dumps(result.to_json()), flush=True)) if as_json else None,
+        emit=(lambda result: print(dumps(result.to_json()), flush=True)) if as_json else None,
         progress=not quiet, max_memory=None if max_memory is None else parse_size(max_memory), allow_gaps=allow_gaps,
         outputs=outputs, statistics_csv=statistics_csv,
     )

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from uniseg_cli.config import ALL_AXES
 from uniseg_cli.errors import UnisegError, UsageError, first_line
-from uniseg_cli.inference.cases import Case, collect_cases, output_path, refuse_overwriting_inputs, select_shard
-from uniseg_cli.inference.predictor import ALL_TASKS, CaseResult, Prediction, PreparedCase, Segmenter
+from uniseg_cli.inference.cases import Case, collect_cases, output_path, select_shard
+from uniseg_cli.inference.phases import CaseResult, Prediction, PreparedCase
+from uniseg_cli.inference.predictor import ALL_TASKS, Segmenter
 from uniseg_cli.inference.sliding_window import WindowOptions
-from uniseg_cli.io.atomic import make_folder, write_text
-from uniseg_cli.outputs.formats import FORMATS, OutputOptions, check_options
-from uniseg_cli.outputs.statistics import statistics_csv as statistics_table
+from uniseg_cli.io.atomic import make_folder
+from uniseg_cli.outputs.formats import OutputOptions, check_options
+from uniseg_cli.outputs.plan import CasePlan, check_plans
+from uniseg_cli.outputs.statistics import write_statistics_table
 from uniseg_cli.progress import on_terminal, stderr_progress
 
 log = logging.getLogger(__name__)
@@ -40,46 +42,58 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
         log.info("no cases in shard %s (%d case(s) in all)", shard, len(every))
         return 0
     check_options(outputs, [all(p.is_dir() for p in case.channels) for case in cases])
-    single = len(cases) == 1
+    single, single_batch = len(cases) == 1, len(every) == 1
     if outputs.split and output is not None and single and output_path(cases[0], "x", output, single=True,
                                                                        fmt=outputs.formats[0]) == output:
         raise UsageError(f"{output}: --split writes one file per task; give a folder")
     if outputs.preview_path is not None and not single:
         raise UsageError(f"--preview-file {outputs.preview_path}: names one file, but there are several cases; "
                          "use --preview (each case gets <output>_preview.png)")
+    if skip_existing and not outputs.sidecar:
+        raise UsageError("--skip-existing needs the case record (<name>.json) that --no-sidecar turns off: it is "
+                         "how a finished case is told from a half-written one")
     segmenter = Segmenter(model, device=device, window=window, max_memory=max_memory)
     key = segmenter.task_key(task)
     if outputs.split and skip_existing and key == ALL_TASKS:
         raise UsageError("--skip-existing with --split needs a task list (the files a case gets from 'all' "
                          "depend on its channels)")
-    plan = [(case, output_path(case, key, output, single=single, fmt=outputs.formats[0])) for case in cases]
-    for case, target in plan:
-        refuse_overwriting_inputs(case, target)
-    if output is not None and not (len(cases) == 1 and plan[0][1] == output):
+    # every case of the batch, all shards: their files must not collide with each other or any input
+    plans = {case: segmenter.plan(case, task, output_path(case, key, output, single=single_batch,
+                                                          fmt=outputs.formats[0]),
+                                  options=outputs, probabilities=probabilities) for case in every}
+    check_plans(list(plans.values()), [(statistics_csv, "the --statistics-csv table")] if statistics_csv else [])
+    todo_plans = [plans[case] for case in cases]
+    if output is not None and not (single and todo_plans[0].primary == output):
         make_folder(output)
     options = segmenter.window
-    log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(plan), key,
+    log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(todo_plans), key,
              segmenter.model_name + (" (default)" if model is None else ""),
              segmenter.device, options.precision, _tta(options.mirror, segmenter.model.config.mirror_axes), options.step)
-    records: list[dict] = []
-    if statistics_csv is not None:  # every case's labels, written as one table when the batch ends
+    records: dict[str, dict] = {}
+    if statistics_csv is not None:  # the rows of the cases run now, if there are no case records to read
         inner = emit
         def emit(result: CaseResult) -> None:
-            records.append(result.to_json())
+            records[result.case] = result.to_json()
             if inner is not None:
                 inner(result)
-    pipeline = _Pipeline(segmenter, key, probabilities=probabilities, modality=modality, allow_gaps=allow_gaps,
+    pipeline = _Pipeline(segmenter, key, task, probabilities=probabilities, modality=modality, allow_gaps=allow_gaps,
                          outputs=outputs, emit=emit)
     with _Progress(enabled=on_terminal(progress)) as bar, pipeline:
-        skipped = {case.name for case, target in plan
-                   if skip_existing and all(path.exists() for path in _finished_when(case, target, key, segmenter,
-                                                                                      outputs))}
-        todo = [(case, target) for case, target in plan if case.name not in skipped]
+        skipped = set()
+        if skip_existing:
+            for plan in todo_plans:
+                reason = plan.incomplete()
+                if reason is None:
+                    skipped.add(plan.case)
+                elif plan.record is not None and (plan.record.exists() or plan.primary.exists()):
+                    log.info("%s: redoing it, its earlier outputs are not complete (%s)", plan.case.name, reason)
+        todo = [plan for plan in todo_plans if plan.case not in skipped]
         pipeline.prefetch(todo[0] if todo else None)
         upcoming = iter(todo[1:])
-        for case, target in plan:
-            if case.name in skipped:
-                pipeline.done(CaseResult.of(case, key, output=str(target), skipped=True))
+        for plan in todo_plans:
+            case = plan.case
+            if case in skipped:
+                pipeline.done(CaseResult.of(case, key, output=str(plan.primary), skipped=True))
                 continue
             prepared = pipeline.take(case)
             pipeline.prefetch(next(upcoming, None))  # read and pre-process the next case meanwhile
@@ -94,7 +108,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
             else:
                 pipeline.write(prepared, prediction)  # written in the background, reported in order
     if statistics_csv is not None:
-        write_text(statistics_csv, statistics_table(records))
+        write_statistics_table(statistics_csv, list(plans.values()), records)
     return pipeline.failures
 
 
@@ -104,9 +118,9 @@ class _Pipeline:
     Results are reported in input order; each failure is one ``Error:`` line and an error record.
     """
 
-    def __init__(self, segmenter: Segmenter, key: str, *, probabilities: str | None, modality: str | None,
+    def __init__(self, segmenter: Segmenter, key: str, task: str, *, probabilities: str | None, modality: str | None,
                  allow_gaps: bool, outputs: OutputOptions, emit: Callable[[CaseResult], None] | None) -> None:
-        self.segmenter, self.key = segmenter, key
+        self.segmenter, self.key, self.task = segmenter, key, task
         self.probabilities, self.modality, self.allow_gaps, self.emit = probabilities, modality, allow_gaps, emit
         self.outputs = outputs
         self.failures = 0
@@ -128,11 +142,10 @@ class _Pipeline:
             self._reader.shutdown(wait=True, cancel_futures=True)
             self._writer.shutdown(wait=True)
 
-    def prefetch(self, item: tuple[Case, Path] | None) -> None:
-        if item is not None:
-            case, target = item
-            self._prefetched[case.name] = self._reader.submit(
-                self.segmenter.prepare_case, case, self.key, target, modality=self.modality,
+    def prefetch(self, plan: CasePlan | None) -> None:
+        if plan is not None:
+            self._prefetched[plan.case.name] = self._reader.submit(
+                self.segmenter.prepare_case, plan.case, self.task, plan, modality=self.modality,
                 allow_gaps=self.allow_gaps, outputs=self.outputs)
 
     def take(self, case: Case) -> PreparedCase | None:
@@ -149,8 +162,7 @@ class _Pipeline:
         self._flush(block=False)
 
     def _write(self, prepared: PreparedCase, prediction: Prediction) -> CaseResult:
-        result = self.segmenter.write_case(prepared, prediction, probabilities=self.probabilities,
-                                           outputs=self.outputs)
+        result = self.segmenter.export(prepared, prediction, outputs=self.outputs)
         log.info("%s -> %s (%.1f s)", prepared.case.name, result.output, result.seconds)
         return result
 
@@ -184,14 +196,6 @@ class _Pipeline:
             log.debug("%s failed", case.name, exc_info=(type(exc), exc, exc.__traceback__))
         print(f"Error: {message}", file=sys.stderr)
         return CaseResult.of(case, self.key, error=message)
-
-
-def _finished_when(case: Case, target: Path, key: str, segmenter: Segmenter, outputs: OutputOptions) -> list[Path]:
-    """The files whose existence means a case was done: its label map, or with ``--split`` each task's."""
-    if not outputs.split:
-        return [target]
-    ending = FORMATS[outputs.formats[0]]
-    return [target.with_name(f"{case.name}_{task.key}{ending}") for task in segmenter.subset(key)]
 
 
 def _finished(value: object) -> Future:

@@ -53,6 +53,7 @@ def collect_cases(arguments: Sequence[str], stdin_lines: Iterable[str] = ()) -> 
             else:
                 loose.append(path)
     cases += group_channel_files(loose)
+    cases = _without_own_outputs(cases)
     names: dict[str, Case] = {}
     for case in cases:
         if case.name in names and names[case.name] != case:
@@ -60,6 +61,41 @@ def collect_cases(arguments: Sequence[str], stdin_lines: Iterable[str] = ()) -> 
                              f"{case.channels[0]}); their outputs would collide")
         names[case.name] = case
     return list(dict.fromkeys(cases))
+
+
+def own_output(path: Path, listed: dict[Path, dict[str, str]]) -> str | None:
+    """Why ``path`` is a file uniseg wrote (a record beside it lists it, or its header says so), or None.
+    ``listed`` caches each folder's records."""
+    from uniseg_cli.io.images import image_description
+    from uniseg_cli.outputs.formats import OUTPUT_MARK
+    from uniseg_cli.outputs.record import listed_outputs
+
+    if path.is_dir():
+        return None
+    folder = path.parent
+    if folder not in listed:
+        listed[folder] = listed_outputs(folder)
+    if path.name in listed[folder]:
+        return f"listed in {listed[folder][path.name]}"
+    if image_description(path).startswith(OUTPUT_MARK):
+        return "its header says uniseg wrote it"
+    return None
+
+
+def _without_own_outputs(cases: list[Case]) -> list[Case]:
+    """The cases less those whose files uniseg wrote (label maps, probabilities of an earlier run into
+    the same folder): segmenting a label map as a scan gives nonsense with exit 0. One line says which."""
+    import logging
+
+    listed: dict[Path, dict[str, str]] = {}
+    kept, dropped = [], []
+    for case in cases:
+        why = next((w for w in (own_output(p, listed) for p in case.channels) if w), None)
+        (dropped.append(f"{case.channels[0].name} ({why})") if why else kept.append(case))
+    if dropped:
+        logging.getLogger(__name__).info("skipping %d file(s) uniseg wrote, not scans: %s", len(dropped),
+                                         ", ".join(dropped[:5]) + (", …" if len(dropped) > 5 else ""))
+    return kept
 
 
 def _folder_cases(path: Path) -> list[Case]:
@@ -136,7 +172,7 @@ def output_path(case: Case, task_key: str, output: Path | None, *, single: bool,
     folder; ``fmt`` (the first ``--output-format``) gives the default ending and the endings ``-o`` may have."""
     from uniseg_cli.outputs.formats import FORMATS, accepted_endings, file_ending
 
-    default_name = f"{case.name}_{task_key}{FORMATS[fmt]}"
+    default_name = f"{case.name}_{task_key}{FORMATS[fmt].ending}"
     if output is None:
         return Path.cwd() / default_name
     if file_ending(output, fmt) and not output.is_dir():
@@ -149,16 +185,3 @@ def output_path(case: Case, task_key: str, output: Path | None, *, single: bool,
         raise UsageError(f"{output}: not {what} name (end it in {', '.join(accepted_endings(fmt))}) nor a folder "
                          "(to write into a new folder with a dot in its name, create it first)")
     return output / default_name
-
-
-def refuse_overwriting_inputs(case: Case, output: Path) -> None:
-    """An output path that is one of the case's inputs, or lies inside an input DICOM series folder (the
-    next read of the series would find the outputs among its slices), is a usage error, caught before
-    any work."""
-    target = output.resolve()
-    for channel in case.channels:
-        if channel.resolve() == target:
-            raise UsageError(f"{output}: the output would overwrite the input")
-        if channel.is_dir() and channel.resolve() in target.parents:  # a DICOM series folder
-            raise UsageError(f"{output}: would be written into the input series folder {channel}; "
-                             "give another output folder")

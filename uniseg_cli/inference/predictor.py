@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,82 +21,26 @@ import torch
 from uniseg_cli.data.preprocessing import EXPORT_SLAB_BYTES, CropInfo, labels_from_probabilities, preprocess, uncrop
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.inference.cases import Case, case_name, group_channel_files, output_path, refuse_overwriting_inputs
+from uniseg_cli.inference.cases import Case, case_name, group_channel_files, output_path
+from uniseg_cli.inference.phases import CaseResult, Label, NetworkInputs, Prediction, PreparedCase
 from uniseg_cli.inference.runtime import resolve_precision
 from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
-from uniseg_cli.io.atomic import AtomicFiles, atomic_files, make_folder
-from uniseg_cli.io.images import Geometry, image_ending, read_channels, write_array
+from uniseg_cli.io.images import read_channels
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
-from uniseg_cli.outputs.dicom import write_dicom_seg, write_rtstruct
-from uniseg_cli.outputs.formats import FORMATS, OutputOptions, output_files, preview_path, sidecar_path
-from uniseg_cli.outputs.preview import write_preview
-from uniseg_cli.outputs.sidecar import write_sidecar
-from uniseg_cli.outputs.slicer import write_seg_nrrd
-from uniseg_cli.outputs.statistics import label_intensities
-from uniseg_cli.tasks import LabelTerms, Task, label_terms, resolve_task
+from uniseg_cli.outputs.dicom import check_references
+from uniseg_cli.outputs.export import export_case
+from uniseg_cli.outputs.formats import OutputOptions
+from uniseg_cli.outputs.plan import PROBABILITY_ENDINGS, CasePlan, check_plans, plan_case
+from uniseg_cli.tasks import Task, resolve_task
 from uniseg_cli.weights.hub import resolve_model
 
 log = logging.getLogger(__name__)
 
 ALL_TASKS = "all"
-PROBABILITY_FORMATS = ("npz", "nifti")
+PROBABILITY_FORMATS = tuple(PROBABILITY_ENDINGS)
 #: A one-channel scan whose minimum is below this is taken for CT (air is about -1000 HU).
 CT_DETECTION_HU = -500.0
-
-
-@dataclass(frozen=True)
-class Label:
-    """One value of a written label map and what it means."""
-
-    value: int
-    name: str
-    task: str
-
-    @property
-    def terms(self) -> LabelTerms:
-        """Codes and display colour (the task registry's terminology)."""
-        return label_terms(self.name, self.value)
-
-
-@dataclass
-class Prediction:
-    """A label map in the input's array order ``(z, y, x)`` plus, if asked, per-task probabilities and
-    per-task label maps (each in the task's own numbering 1…n, for ``--split``)."""
-
-    labels: np.ndarray
-    legend: list[Label]
-    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
-    tasks: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass
-class CaseResult:
-    """What happened to one case; ``to_json`` is the ``--json`` line."""
-
-    case: str
-    inputs: list[str]
-    task: str
-    output: str | None = None
-    labels: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    device: str = ""
-    probabilities: str | None = None
-    outputs: dict[str, str] | None = None
-    skipped: bool = False
-    error: str | None = None
-
-    @classmethod
-    def of(cls, case: Case, task: str, **outcome: Any) -> CaseResult:
-        """The record of ``case``: its name and inputs as given, plus what happened to it."""
-        return cls(case=case.name, inputs=[str(p) for p in case.channels], task=task, **outcome)
-
-    def to_json(self) -> dict[str, Any]:
-        """Only what happened: a failed or skipped case has no labels, time or device."""
-        data = asdict(self)
-        if self.error is not None or self.skipped:
-            data.update(labels=None, seconds=None, device=None)
-        return {k: v for k, v in data.items() if v is not None and not (k == "skipped" and not v)}
 
 
 class Segmenter:
@@ -315,137 +259,49 @@ class Segmenter:
         return [self.predict_case(c, task, output_path(c, key, Path(output_dir), single=False), **options)
                 for c in cases]
 
+    def plan(self, case: Case, task: str, output: Path, *, options: OutputOptions = OutputOptions(),
+             probabilities: str | None = None) -> CasePlan:
+        """Every file ``case`` will write with these options, its first output at ``output``. With ``all``
+        and ``--split`` the tasks depend on the scan, so the plan names every task's files (each case
+        is planned again, for the tasks that fit, once it is read)."""
+        split = [t.key for t in (self.tasks if _is_all(task) else self.subset(task))] if options.split else []
+        return plan_case(case, self.task_key(task), output, options, split_tasks=split, probabilities=probabilities)
+
     def predict_case(self, case: Case, task: str, output: Path, *, probabilities: str | None = None,
                      modality: str | None = None, allow_gaps: bool = False, outputs: OutputOptions = OutputOptions(),
                      on_progress: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
-        refuse_overwriting_inputs(case, output)
-        prepared = self.prepare_case(case, task, output, modality=modality, allow_gaps=allow_gaps, outputs=outputs)
+        plan = self.plan(case, task, output, options=outputs, probabilities=probabilities)
+        check_plans([plan])
+        prepared = self.prepare_case(case, task, plan, modality=modality, allow_gaps=allow_gaps, outputs=outputs)
         prediction = self.run(prepared.inputs, probabilities=probabilities is not None, split=outputs.split,
                               on_progress=on_progress)
-        return self.write_case(prepared, prediction, probabilities=probabilities, outputs=outputs)
+        return self.export(prepared, prediction, outputs=outputs)
 
-    def prepare_case(self, case: Case, task: str, output: Path, *, modality: str | None = None,
+    def prepare_case(self, case: Case, task: str, plan: CasePlan, *, modality: str | None = None,
                      allow_gaps: bool = False, outputs: OutputOptions = OutputOptions()) -> PreparedCase:
         """Read and pre-process one case (no network): what the batch runner prefetches in a thread.
-        Callers have refused outputs that would overwrite an input (the batch, all of them up front).
+        Callers have checked the plan against the inputs (the batch, all plans up front).
         ``allow_gaps`` accepts DICOM series with missing or unevenly spaced slices."""
         start = time.perf_counter()
         data, geometry = read_channels(case.channels, allow_gaps=allow_gaps)
-        if outputs.needs_dicom and not geometry.dicom_files:
-            raise UnisegError(f"{case.channels[0]}: not a DICOM series; --output-format "
-                              f"{', '.join(outputs.formats)} needs one")
+        if outputs.needs_dicom:
+            if not geometry.dicom_files:
+                raise UnisegError(f"{case.channels[0]}: not a DICOM series; --output-format "
+                                  f"{', '.join(outputs.formats)} needs one")
+            check_references(geometry)  # before the network: a SEG would reference nothing
         intensity = data[0].copy() if outputs.needs_intensity else None  # statistics and previews: original units
         inputs = self.prepare_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
                                     source=str(case.channels[0]), modality=modality)
-        return PreparedCase(case, inputs.key, output, geometry, inputs, start, intensity)
+        if plan.maps[0].task is not None and _is_all(task):  # 'all' --split: the maps of the tasks that fit
+            plan = plan_case(case, plan.key, plan.primary, outputs, probabilities=_probability_format(plan),
+                             split_tasks=list(inputs.offsets))
+        return PreparedCase(case, inputs.key, plan, geometry, inputs, start, intensity)
 
-    def write_case(self, prepared: PreparedCase, prediction: Prediction, *, probabilities: str | None = None,
-                   outputs: OutputOptions = OutputOptions()) -> CaseResult:
-        """Write the label map(s) in every asked format, with sidecars, preview and probabilities, on the
-        input's grid; the record ``--json`` prints.
-
-        All outputs of the case appear together or not at all (the first format's map last): a label map
-        left beside failed probabilities would make ``--skip-existing`` take the case for done.
-        """
-        output, geometry, case = prepared.output, prepared.geometry, prepared.case
-        make_folder(output.parent)
-        maps = self._maps(prepared, prediction, outputs)
-        probability_path = None
-        written: dict[str, str] = {}
-        labels: list[dict[str, Any]] = []
-        with atomic_files() as files:
-            for key, primary, label_map, legend in maps:
-                for fmt, path in output_files(primary, outputs).items():
-                    self._write_format(fmt, path, label_map, legend, geometry, key, into=files)
-                    written[fmt if not outputs.split else f"{key}:{fmt}"] = str(path)
-                    if fmt == "nifti" and outputs.sidecar:
-                        sidecar = sidecar_path(path)
-                        write_sidecar(files.add(sidecar, suffix=".json"), legend, label_map=path,
-                                      model=self.model_name, task=key)
-                        written[("" if not outputs.split else f"{key}:") + "sidecar"] = str(sidecar)
-                labels += self._label_records(label_map, legend, geometry, prepared.intensity, outputs,
-                                              primary if outputs.split else None)
-            if outputs.preview:
-                preview = outputs.preview_path or preview_path(output, outputs.formats[0])
-                write_preview(files.add(preview, suffix=".png"), prepared.intensity, prediction.labels,
-                              prediction.legend, geometry, title=f"{case.name}: {prepared.key} ({self.model_name})",
-                              is_ct=prepared.inputs.groups[0][0][0].channels[0].modality.upper() == "CT")
-                written["preview"] = str(preview)
-            if probabilities is not None:
-                probability_path = _probability_path(output, probabilities)
-                _write_probabilities(probability_path, prediction, geometry, probabilities, into=files)
-        first = maps[0][1]
-        extra = {k: v for k, v in written.items() if v != str(first)}
-        return CaseResult.of(
-            case, prepared.key, output=str(first), labels=labels,
-            seconds=round(time.perf_counter() - prepared.started, 3), device=str(self.device),
-            probabilities=str(probability_path) if probability_path else None, outputs=extra or None,
-        )
-
-    @staticmethod
-    def _maps(prepared: PreparedCase, prediction: Prediction,
-              outputs: OutputOptions) -> list[tuple[str, Path, np.ndarray, list[Label]]]:
-        """(task key, primary path, label map, legend) of each map written: the merged one, or with
-        ``split`` each task's in its own numbering, named ``<case>_<task>``."""
-        if not outputs.split or not prediction.tasks:
-            return [(prepared.key, prepared.output, prediction.labels, prediction.legend)]
-        ending = FORMATS[outputs.formats[0]]
-        maps = []
-        for key, label_map in prediction.tasks.items():
-            legend = [Label(i + 1, label.name, key) for i, label in
-                      enumerate(label for label in prediction.legend if label.task == key)]
-            maps.append((key, prepared.output.with_name(f"{prepared.case.name}_{key}{ending}"), label_map, legend))
-        return maps
-
-    def _write_format(self, fmt: str, path: Path, labels: np.ndarray, legend: list[Label], geometry: Geometry,
-                      key: str, *, into: AtomicFiles) -> None:
-        if fmt == "nifti":
-            write_array(path, labels, geometry, into=into)
-        elif fmt == "seg-nrrd":
-            write_seg_nrrd(into.add(path, suffix=".seg.nrrd"), labels, legend, geometry)
-        elif fmt == "dicom-seg":
-            write_dicom_seg(into.add(path, suffix=".dcm"), labels, legend, geometry, model=self.model_name, task=key)
-        else:
-            write_rtstruct(into.add(path, suffix=".dcm"), labels, legend, geometry, model=self.model_name, task=key)
-
-    @staticmethod
-    def _label_records(label_map: np.ndarray, legend: list[Label], geometry: Geometry, intensity: np.ndarray | None,
-                       outputs: OutputOptions, path: Path | None) -> list[dict[str, Any]]:
-        records = label_statistics(Prediction(label_map, legend), geometry)
-        if outputs.statistics and intensity is not None:
-            stats = label_intensities(intensity, label_map, geometry, [r["value"] for r in records])
-            for record in records:
-                record["statistics"] = stats[record["value"]]
-        if path is not None:
-            for record in records:
-                record["output"] = str(path)
-        return records
-
-
-@dataclass
-class NetworkInputs:
-    """Pre-processed network inputs of one case: per group of tasks sharing a spacing, the array and
-    how to undo the pre-processing; plus the task key of the outputs, the output grid and label numbering."""
-
-    key: str
-    shape: tuple[int, int, int]
-    legend: list[Label]
-    offsets: dict[str, int]
-    groups: list[tuple[list[Task], torch.Tensor, CropInfo]]
-
-
-@dataclass
-class PreparedCase:
-    """A case read and pre-processed, waiting for the network."""
-
-    case: Case
-    key: str
-    output: Path
-    geometry: Geometry
-    inputs: NetworkInputs
-    started: float
-    intensity: np.ndarray | None = None  # channel 0 as read, for statistics and previews
+    def export(self, prepared: PreparedCase, prediction: Prediction, *,
+               outputs: OutputOptions = OutputOptions()) -> CaseResult:
+        """Write the case's planned files (``uniseg_cli.outputs.export``); the record ``--json`` prints."""
+        return export_case(prepared, prediction, model=self.model_name, device=str(self.device), options=outputs)
 
 
 def _gib(size: int) -> str:
@@ -464,24 +320,7 @@ def _group_by_preprocessing(tasks: Sequence[Task]) -> list[list[Task]]:
     return list(groups.values())
 
 
-def _probability_path(output: Path, fmt: str) -> Path:
-    stem = output.name[: -len(image_ending(output) or "")] if image_ending(output) else output.name
-    return output.with_name(f"{stem}_probabilities" + (".npz" if fmt == "npz" else ".nii.gz"))
-
-
-def _write_probabilities(path: Path, prediction: Prediction, geometry: Geometry, fmt: str, *,
-                         into: AtomicFiles) -> None:
-    """float16 ``.npz`` (one array per task key, classes first) or float32 NIfTI (NIfTI has no float16)."""
-    if fmt == "npz":
-        np.savez_compressed(into.add(path, suffix=".npz"), **prediction.probabilities)
-        return
-    stacked = np.concatenate(list(prediction.probabilities.values())).astype(np.float32)
-    write_array(path, stacked, geometry, into=into)
-
-
-def label_statistics(prediction: Prediction, geometry: Geometry) -> list[dict[str, Any]]:
-    """Voxel count and volume (mL) of every label of the legend, zeros included."""
-    counts = np.bincount(prediction.labels.ravel(), minlength=256)
-    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-    return [{"value": label.value, "name": label.name, "task": label.task, "voxels": int(counts[label.value]),
-             "volume_ml": round(int(counts[label.value]) * voxel_ml, 3)} for label in prediction.legend]
+def _probability_format(plan: CasePlan) -> str | None:
+    if plan.probabilities is None:
+        return None
+    return "npz" if plan.probabilities.name.endswith(".npz") else "nifti"

@@ -54,7 +54,10 @@ class AtomicFiles:
         self._publishing: Path | None = None
 
     def add(self, dest: str | Path, *, suffix: str = "") -> Path:
-        """A temporary path to write ``dest`` to; ``suffix`` keeps the ending writers choose their format by."""
+        """A temporary path to write ``dest`` to; ``suffix`` keeps the ending writers choose their format by.
+
+        Outputs are published in the order they were added: the one that says a case is complete (its
+        record) is added last, so that it appears last."""
         dest = Path(dest)
         remove_leftovers(dest)
         try:
@@ -65,27 +68,55 @@ class AtomicFiles:
         self._pending.append((Path(name), dest))
         return Path(name)
 
+    @property
+    def pending(self) -> list[tuple[Path, Path]]:
+        """(temporary file, destination) of every output added so far, in order."""
+        return list(self._pending)
+
     def _dest_of(self, exc: OSError) -> Path:
         named = {str(tmp): dest for tmp, dest in self._pending}
         return named.get(str(exc.filename), self._publishing or self._pending[-1][1])
 
     def _publish(self) -> None:
-        """Last added first, so that the first output (the one ``--skip-existing`` looks at) appears last;
-        if one cannot be moved into place, those already moved are removed again."""
-        published: list[Path] = []
+        """Move every output into place in order. A destination that already exists (an earlier run's
+        output) is first kept under a hidden backup name (a hard link, or a rename where links are not
+        possible); if any move fails, every destination is put back as it was: the new files removed,
+        the earlier ones restored whole. The backups go only once all moves succeeded."""
+        done: list[tuple[Path, Path | None]] = []   # (destination, backup of what it replaced)
         try:
-            for tmp, dest in reversed(self._pending):
+            for tmp, dest in self._pending:
                 self._publishing = dest
+                backup = _backup(dest)
+                done.append((dest, backup))
                 publish(tmp, dest)
-                published.append(dest)
         except BaseException:
-            for dest in published:
-                dest.unlink(missing_ok=True)
+            for dest, backup in reversed(done):
+                if backup is not None:
+                    os.replace(backup, dest)
+                else:
+                    dest.unlink(missing_ok=True)
             raise
+        for _, backup in done:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
 
     def _discard(self) -> None:
         for tmp, _ in self._pending:
             tmp.unlink(missing_ok=True)
+
+
+def _backup(dest: Path) -> Path | None:
+    """A hidden second name for an existing file ``dest`` (None if there is none), so that a failed
+    publish can put it back; ``remove_leftovers`` clears it if the process is killed meanwhile."""
+    if not dest.is_file() or dest.is_symlink():
+        return None
+    backup = dest.with_name(f".{dest.name}.{os.getpid()}.partial.old")
+    backup.unlink(missing_ok=True)
+    try:
+        os.link(dest, backup)
+    except OSError:               # no hard links here (some network and FAT file systems)
+        os.replace(dest, backup)
+    return backup
 
 
 @contextlib.contextmanager

@@ -329,25 +329,57 @@ def is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
-def write_array(path: str | Path, array: np.ndarray, geometry: Geometry, *, into: AtomicFiles | None = None) -> None:
+def write_array(path: str | Path, array: np.ndarray, geometry: Geometry, *, into: AtomicFiles | None = None,
+                description: str | None = None) -> None:
     """Write a ``(z, y, x)`` or ``(c, z, y, x)`` array on the geometry it was read with, atomically
-    (or as one of the outputs ``into`` publishes together).
+    (or as one of the outputs ``into`` publishes together); see ``write_image_file``."""
+    if into is None:
+        with atomic_files() as outputs:
+            return write_array(path, array, geometry, into=outputs, description=description)
+    write_image_file(into.add(path, suffix=image_ending(path) or ".nii.gz"), array, geometry, description=description)
+
+
+def write_image_file(path: str | Path, array: np.ndarray, geometry: Geometry, *,
+                     description: str | None = None) -> None:
+    """Write an array to ``path`` (its ending picks the format; callers pass a temporary name).
 
     NIfTI to NIfTI keeps the input's affine, qform/sform codes and header fields (with the new
     dtype); every other combination writes origin, spacing and direction through SimpleITK.
+    ``description`` goes into the NIfTI ``descrip`` field or the ITK metadata (``uniseg``), which is
+    how a later run tells uniseg's outputs from scans.
     """
-    if into is None:
-        with atomic_files() as outputs:
-            return write_array(path, array, geometry, into=outputs)
-    ending = image_ending(path) or ".nii.gz"
-    tmp = into.add(path, suffix=ending)
-    if ending in NIFTI_ENDINGS and geometry.header is not None:
-        _write_nifti(tmp, array, geometry)
+    path = Path(path)
+    if image_ending(path) in NIFTI_ENDINGS and geometry.header is not None:
+        _write_nifti(path, array, geometry, description)
     else:
-        _write_sitk(tmp, array, geometry)
+        _write_sitk(path, array, geometry, description)
 
 
-def _write_nifti(path: Path, array: np.ndarray, geometry: Geometry) -> None:
+#: The ITK metadata key ``write_image_file`` stores ``description`` under.
+DESCRIPTION_KEY = "uniseg"
+
+
+def image_description(path: str | Path) -> str:
+    """What ``write_image_file`` recorded as the file's description ('' if none or unreadable): the
+    header only, no voxels."""
+    path = Path(path)
+    try:
+        if image_ending(path) in NIFTI_ENDINGS:
+            import nibabel as nib
+
+            raw = nib.load(str(path)).header["descrip"]
+            return bytes(np.asarray(raw).tobytes()).split(b"\0", 1)[0].decode("latin-1").strip()
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return reader.GetMetaData(DESCRIPTION_KEY).strip() if reader.HasMetaDataKey(DESCRIPTION_KEY) else ""
+    except Exception:  # noqa: BLE001 - an unreadable file is not ours; reading it later says what is wrong
+        return ""
+
+
+def _write_nifti(path: Path, array: np.ndarray, geometry: Geometry, description: str | None = None) -> None:
     import nibabel as nib
 
     header = geometry.header.copy()
@@ -357,10 +389,12 @@ def _write_nifti(path: Path, array: np.ndarray, geometry: Geometry) -> None:
     image.set_qform(geometry.header.get_qform(), code=int(geometry.header["qform_code"]))
     image.set_sform(geometry.header.get_sform(), code=int(geometry.header["sform_code"]))
     image.header.set_slope_inter(1.0, 0.0)
+    if description is not None:
+        image.header["descrip"] = description.encode("latin-1")[:79]
     nib.save(image, str(path))
 
 
-def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
+def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry, description: str | None = None) -> None:
     import SimpleITK as sitk
 
     if array.ndim == 4:  # channels as vector components
@@ -370,4 +404,6 @@ def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
     image.SetOrigin(geometry.origin)
     image.SetSpacing(geometry.spacing[::-1])
     image.SetDirection(geometry.direction)
+    if description is not None:
+        image.SetMetaData(DESCRIPTION_KEY, description)
     sitk.WriteImage(image, str(path), useCompression=True)

@@ -32,6 +32,11 @@ def _need(module: str, fmt: str) -> Any:
         raise UnisegError(f"--output-format {fmt} needs the {module.split('.')[0]} package: {INSTALL_HINT}") from None
 
 
+def check_references(geometry: Geometry) -> None:
+    """Refuse, before inference, a series whose slices lack what a derived object must reference."""
+    _sources(geometry)
+
+
 def _sources(geometry: Geometry) -> list[Any]:
     import pydicom
 

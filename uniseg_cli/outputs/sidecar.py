@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 SIDECAR_FORMAT = "uniseg-label-table"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
 
 
 def label_table(legend: Sequence[Any], *, label_map: str, model: str, task: str) -> dict[str, Any]:

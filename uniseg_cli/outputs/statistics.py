@@ -6,14 +6,21 @@ a viewer shows; the bounding box is in LPS millimetres (voxel centres), as DICOM
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-from collections.abc import Iterable, Sequence
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from uniseg_cli.io.atomic import write_text
 from uniseg_cli.io.images import Geometry
+
+log = logging.getLogger(__name__)
 
 STATISTICS = ("mean", "std", "median", "min", "max", "p5", "p95")
 
@@ -65,3 +72,41 @@ def statistics_csv(records: Iterable[dict[str, Any]]) -> str:
             writer.writerow([record["case"], label["task"], label["value"], label["name"], label["voxels"],
                              label["volume_ml"], *(stats.get(s, "") for s in STATISTICS), *box["min"], *box["max"]])
     return buffer.getvalue()
+
+
+def write_statistics_table(path: Path, plans: Sequence[Any], this_run: Mapping[str, dict[str, Any]]) -> None:
+    """``--statistics-csv``: one table for every case of the batch (all shards), built from the case
+    records on disk, so that a resumed run and the jobs of a sharded one keep every row. ``this_run``
+    (case → ``--json`` record) stands in where there is no record (``--no-sidecar``). Jobs writing the
+    same table take turns (a lock on its folder): the last one to finish writes every finished case."""
+    from uniseg_cli.outputs.record import read_record
+
+    with _folder_lock(path.parent):
+        rows, missing = [], 0
+        for plan in plans:
+            record = read_record(plan.record) if plan.record is not None else None
+            result = record.get("result") if record is not None else this_run.get(plan.case.name)
+            if result is None or result.get("error") or not result.get("labels"):
+                missing += 1
+                continue
+            rows.append(result)
+        write_text(path, statistics_csv(rows))
+    if missing:
+        log.info("%s: %d case(s) of %d, %d not (yet) finished", path, len(rows), len(plans), missing)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock on the folder itself: no lock file is left behind)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one job per table
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

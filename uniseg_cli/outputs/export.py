@@ -1,0 +1,132 @@
+"""Writing a case's prediction: the export phase (nnU-Net v2's ``export_prediction``).
+
+``export_case`` writes exactly the files the case's plan lists, each map through its format's writer
+(``uniseg_cli.outputs.formats.FORMATS``), all to temporary names, then publishes them together with
+the case record last (``uniseg_cli.io.atomic.atomic_files``): either every output of the case appears,
+or, if any writer or move fails, none does and earlier outputs stay as they were.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniseg_cli.inference.phases import CaseResult, Label, Prediction, PreparedCase
+from uniseg_cli.io.atomic import AtomicFiles, atomic_files, make_folder
+from uniseg_cli.io.images import Geometry, write_array
+from uniseg_cli.outputs.formats import FORMATS, OUTPUT_MARK, MapToWrite, OutputOptions
+from uniseg_cli.outputs.plan import CasePlan, MapPlan
+from uniseg_cli.outputs.record import RECORD_VERSION, dumps, file_entry
+from uniseg_cli.outputs.sidecar import label_table, write_sidecar
+from uniseg_cli.outputs.statistics import label_intensities
+
+
+def export_case(prepared: PreparedCase, prediction: Prediction, *, model: str, device: str,
+                options: OutputOptions) -> CaseResult:
+    """Write every file of ``prepared.plan``; returns the case's ``--json`` record."""
+    plan, geometry, case = prepared.plan, prepared.geometry, prepared.case
+    for folder in dict.fromkeys(f.path.parent for f in plan.files):
+        make_folder(folder)
+    roles = {f.path: f.role for f in plan.files}
+    written: dict[str, str] = {}
+    labels: list[dict[str, Any]] = []
+    with atomic_files() as files:
+        maps = _maps(plan, prediction)
+        for map_plan, label_map, legend in maps:
+            key = map_plan.task or prepared.key
+            item = MapToWrite(label_map, legend, geometry, model, key)
+            prefix = f"{map_plan.task}:" if map_plan.task else ""
+            for fmt, path in map_plan.files.items():
+                writer = FORMATS[fmt]
+                writer.write(files.add(path, suffix=writer.ending_of(path) or writer.ending), item)
+                written[prefix + fmt] = str(path)
+            if map_plan.label_table is not None:
+                write_sidecar(files.add(map_plan.label_table, suffix=".json"), legend,
+                              label_map=map_plan.files["nifti"], model=model, task=key)
+                written[prefix + "sidecar"] = str(map_plan.label_table)
+            labels += _label_records(label_map, legend, geometry, prepared.intensity, options,
+                                     map_plan.primary if map_plan.task else None)
+        if plan.preview is not None:
+            from uniseg_cli.outputs.preview import write_preview
+
+            write_preview(files.add(plan.preview, suffix=".png"), prepared.intensity, prediction.labels,
+                          prediction.legend, geometry, title=f"{case.name}: {prepared.key} ({model})",
+                          is_ct=prepared.inputs.groups[0][0][0].channels[0].modality.upper() == "CT")
+            written["preview"] = str(plan.preview)
+        if plan.probabilities is not None:
+            _write_probabilities(plan.probabilities, prediction, geometry, into=files)
+        primary = plan.primary
+        if plan.record is not None:  # the first map's label table, holding the case record
+            written[(f"{plan.maps[0].task}:" if plan.maps[0].task else "") + "sidecar"] = str(plan.record)
+        # with --split every task's map is listed (the first too); otherwise the map is ``output``
+        extra = {k: v for k, v in written.items() if options.split or v != str(primary)}
+        result = CaseResult.of(case, prepared.key, output=str(primary), labels=labels,
+                               seconds=round(time.perf_counter() - prepared.started, 3), device=device,
+                               probabilities=str(plan.probabilities) if plan.probabilities else None,
+                               outputs=extra or None)
+        if plan.record is not None:
+            _write_record(files, plan, roles, prediction_legend=maps[0][2], model=model,
+                          result=result)
+    return result
+
+
+def _write_record(files: AtomicFiles, plan: CasePlan, roles: dict[Path, str], *, prediction_legend: list[Label],
+                  model: str, result: CaseResult) -> None:
+    """The case record (``uniseg_cli.outputs.record``), from the temporary files about to be published."""
+    record = plan.record
+    assert record is not None
+    listed = dict(file_entry(roles.get(dest, "file"), dest, tmp, record) for tmp, dest in files.pending)
+    first = plan.maps[0]
+    table = label_table(prediction_legend, label_map=first.files.get("nifti", first.primary).name, model=model,
+                        task=first.task or plan.key)
+    table.update(version=RECORD_VERSION, case=plan.case.name, inputs=[str(p) for p in plan.case.channels],
+                 files=listed, result=result.to_json())
+    files.add(record, suffix=".json").write_text(dumps(table, indent=2) + "\n", encoding="utf-8")
+
+
+def _maps(plan: CasePlan, prediction: Prediction) -> list[tuple[MapPlan, np.ndarray, list[Label]]]:
+    """(plan, label map, legend) of each map: the merged one, or with ``--split`` each task's in its own
+    numbering 1…n."""
+    if plan.maps[0].task is None:
+        return [(plan.maps[0], prediction.labels, prediction.legend)]
+    maps = []
+    for map_plan in plan.maps:
+        legend = [Label(i + 1, label.name, map_plan.task) for i, label in
+                  enumerate(label for label in prediction.legend if label.task == map_plan.task)]
+        maps.append((map_plan, prediction.tasks[map_plan.task], legend))  # type: ignore[index]
+    return maps
+
+
+def _write_probabilities(path: Path, prediction: Prediction, geometry: Geometry, *, into: AtomicFiles) -> None:
+    """float16 ``.npz`` (one array per task key, classes first) or float32 NIfTI (NIfTI has no float16)."""
+    if path.name.endswith(".npz"):
+        np.savez_compressed(into.add(path, suffix=".npz"), **prediction.probabilities)
+        return
+    stacked = np.concatenate(list(prediction.probabilities.values())).astype(np.float32)
+    write_array(path, stacked, geometry, into=into, description=OUTPUT_MARK + " probabilities")
+
+
+def _label_records(label_map: np.ndarray, legend: list[Label], geometry: Geometry, intensity: np.ndarray | None,
+                   options: OutputOptions, path: Path | None) -> list[dict[str, Any]]:
+    records = label_statistics(Prediction(label_map, legend), geometry)
+    if options.statistics and intensity is not None:
+        stats = label_intensities(intensity, label_map, geometry, [r["value"] for r in records])
+        for record in records:
+            record["statistics"] = stats[record["value"]]
+            if stats[record["value"]] is None:
+                record["statistics_reason"] = "the label is empty"
+    if path is not None:
+        for record in records:
+            record["output"] = str(path)
+    return records
+
+
+def label_statistics(prediction: Prediction, geometry: Geometry) -> list[dict[str, Any]]:
+    """Voxel count and volume (mL) of every label of the legend, zeros included."""
+    counts = np.bincount(prediction.labels.ravel(), minlength=256)
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    return [{"value": label.value, "name": label.name, "task": label.task, "voxels": int(counts[label.value]),
+             "volume_ml": round(int(counts[label.value]) * voxel_ml, 3)} for label in prediction.legend]
