@@ -43,16 +43,25 @@ def test_outputs_of_one_case_appear_together_or_not_at_all(tmp_path, monkeypatch
 
     real = atomic.publish
     def full_disk_on_the_second(tmp, dest, *, folder=False):
-        if dest.name == "labels.nii.gz":   # published last, after the probabilities
+        if dest.name == "probabilities.npz":   # published second, after the labels
             raise OSError(28, "No space left on device")
         real(tmp, dest, folder=folder)
 
     monkeypatch.setattr(atomic, "publish", full_disk_on_the_second)
-    with pytest.raises(atomic.UnisegError, match=r"labels.nii.gz: cannot write \(No space left on device\)$"):
+    with pytest.raises(atomic.UnisegError, match=r"probabilities.npz: cannot write \(No space left on device\)$"):
         with atomic.atomic_files() as outputs:
             outputs.add(tmp_path / "labels.nii.gz").write_text("labels")
             outputs.add(tmp_path / "probabilities.npz").write_text("probabilities")
-    assert list(tmp_path.iterdir()) == []      # the probabilities already moved into place were removed again
+    assert list(tmp_path.iterdir()) == []      # the labels already moved into place were removed again
+
+    (tmp_path / "labels.nii.gz").write_text("earlier labels")
+    (tmp_path / "probabilities.npz").write_text("earlier probabilities")
+    with pytest.raises(atomic.UnisegError):
+        with atomic.atomic_files() as outputs:
+            outputs.add(tmp_path / "labels.nii.gz").write_text("new labels")
+            outputs.add(tmp_path / "probabilities.npz").write_text("new probabilities")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "labels.nii.gz": "earlier labels", "probabilities.npz": "earlier probabilities"}   # both restored whole
 
 
 def test_a_killed_runs_temporary_files_are_removed_by_the_next_write_of_the_same_output(tmp_path):

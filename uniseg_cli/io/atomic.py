@@ -91,10 +91,12 @@ class AtomicFiles:
                 publish(tmp, dest)
         except BaseException:
             for dest, backup in reversed(done):
-                if backup is not None:
-                    os.replace(backup, dest)
-                else:
+                if backup is None:
                     dest.unlink(missing_ok=True)
+                elif dest.exists() and os.path.samefile(dest, backup):
+                    backup.unlink()                # never replaced (rename() of two links is a no-op)
+                else:
+                    os.replace(backup, dest)
             raise
         for _, backup in done:
             if backup is not None:

@@ -100,7 +100,7 @@ def read_image(path: str | Path, *, nan_to_zero: bool = True,
                allow_gaps: bool = False) -> tuple[np.ndarray, Geometry]:
     """One scan file or DICOM series folder as a float32 ``(channels, z, y, x)`` array and its geometry.
 
-    NaN becomes 0 (docs/pipeline.md §3) unless ``nan_to_zero`` is off (the training-data check refuses NaN).
+    NaN and ±Inf become 0 (docs/pipeline.md §3) unless ``nan_to_zero`` is off (the training-data check refuses NaN).
     A DICOM series with missing slices, uneven spacing or mixed orientations is refused unless
     ``allow_gaps`` (then read on ITK's evenly spaced grid, with a warning).
     """
@@ -125,10 +125,12 @@ def read_image(path: str | Path, *, nan_to_zero: bool = True,
         raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
     check_geometry(path, geometry)
     if nan_to_zero:
-        nan = np.isnan(data)
-        if nan.any():
-            log.warning("%s: %.2g%% of the voxels are NaN; they are read as 0", path, 100 * nan.mean())
-            np.nan_to_num(data, copy=False, nan=0.0)
+        bad = ~np.isfinite(data)
+        if bad.any():
+            nan = int(np.isnan(data).sum())
+            what = " and ".join(w for w, n in (("NaN", nan), ("infinite", int(bad.sum()) - nan)) if n)
+            log.warning("%s: %.2g%% of the voxels are %s; they are read as 0", path, 100 * bad.mean(), what)
+            data[bad] = 0.0
     return data, geometry
 
 
