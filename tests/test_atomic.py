@@ -17,7 +17,7 @@ def test_a_failed_replacement_restores_the_old_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic, "publish", refuse)
     with pytest.raises(OSError):
-        with atomic.atomic_directory(dest, overwrite=True) as tmp:
+        with atomic.atomic_directory(dest, overwrite=True, ours=("config.json",)) as tmp:
             (tmp / "config.json").write_text("new")
     assert (dest / "config.json").read_text() == "old"            # was: left hidden as .model.PID.old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
@@ -27,10 +27,16 @@ def test_a_successful_replacement_leaves_only_the_new_folder(tmp_path):
     dest = tmp_path / "model"
     dest.mkdir()
     (dest / "config.json").write_text("old")
-    with atomic.atomic_directory(dest, overwrite=True) as tmp:
+    with atomic.atomic_directory(dest, overwrite=True, ours=("config.json",)) as tmp:
         (tmp / "config.json").write_text("new")
     assert (dest / "config.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in dest.iterdir()) == [atomic.FOLDER_MANIFEST, "config.json"]
+    (dest / "notes.txt").write_text("the user's")                  # not uniseg's: never replaced
+    with pytest.raises(atomic.UnisegError, match="holds notes.txt, which uniseg did not write there"):
+        with atomic.atomic_directory(dest, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("newer")
+    assert (dest / "config.json").read_text() == "new" and (dest / "notes.txt").exists()
 
 
 def test_outputs_of_one_case_appear_together_or_not_at_all(tmp_path, monkeypatch):

@@ -190,11 +190,17 @@ def test_existing_output_is_kept_unless_forced(tmp_path, checkpoint, run_cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for force in ((), ("--force",)):       # --force never deletes a file uniseg did not write
+        code, _, err = run_cli("weights", "import", checkpoint, "-o", out, "--device", "cpu", *force)
+        assert code == 1 and "holds keep.txt, which uniseg did not write there" in err
+        assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_cli("weights", "import", checkpoint, "-o", out, "--device", "cpu")[0] == 0
     code, _, err = run_cli("weights", "import", checkpoint, "-o", out, "--device", "cpu")
-    assert code == 1 and "folder exists and is not empty (use --force" in err
-    assert (out / "keep.txt").read_text() == "mine"
+    assert code == 1 and "holds an earlier output of uniseg (use --force to replace it)" in err
     code, _, _ = run_cli("weights", "import", checkpoint, "-o", out, "--device", "cpu", "--force")
-    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == [".uniseg-written.json", "config.json",
+                                                                   "model.safetensors"]
 
 
 def test_an_output_folder_holding_the_checkpoint_is_refused(tmp_path, checkpoint, run_cli, monkeypatch):

@@ -63,7 +63,8 @@ def test_torchscript_runs_without_uniseg(run_cli, tiny_model_dir, tmp_path):
     out = tmp_path / "ts"
     code, _, err = run_cli("export", tiny_model_dir, "--format", "torchscript", "-o", out)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "uniseg_1ch.pt", "uniseg_4ch.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".uniseg-written.json", "config.json", "uniseg_1ch.pt",
+                                                   "uniseg_4ch.pt"]
     for channels, task in ((1, 0), (4, 1)):
         x, expected = _reference(tiny_model_dir, channels, task)
         np.save(tmp_path / "x.npy", x)
@@ -105,7 +106,7 @@ def test_onnx_with_a_fixed_task_takes_only_the_image(run_cli, tiny_model_dir, tm
     out = tmp_path / "kidney"
     code, _, err = run_cli("export", tiny_model_dir, "--format", "onnx", "--task", "kidney", "-o", out)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "uniseg_1ch.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [".uniseg-written.json", "config.json", "uniseg_1ch.onnx"]
     session = ort.InferenceSession(str(out / "uniseg_1ch.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     x, expected = _reference(tiny_model_dir, 1, 0)
@@ -142,3 +143,30 @@ def test_force_never_replaces_a_folder_holding_the_source_model(run_cli, tiny_mo
     assert code == 2 and err.strip() == (f"Error: {parent}: holds the input {parent / 'tiny'}; write the output "
                                          "folder elsewhere")
     assert sorted(p.name for p in (parent / "tiny").iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
+
+
+def test_force_replaces_only_an_earlier_export_never_a_users_files(run_cli, tiny_model_dir, tmp_path, monkeypatch):
+    """`export MODEL -o DIR --force` deleted everything in DIR; with `-o .` it emptied the working folder."""
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "scan.nii.gz").write_bytes(b"a user's scan")
+    (work / "notes" / "todo.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    code, _, err = run_cli("export", tiny_model_dir, "--format", "torchscript", "-o", ".", "--force")
+    assert code == 1 and err.strip() == (f"Error: {work}: holds notes and 1 other(s), which uniseg did not write "
+                                         "there; give a new or empty folder (--force replaces only a folder uniseg "
+                                         "wrote)")
+    assert (work / "scan.nii.gz").read_bytes() == b"a user's scan" and (work / "notes" / "todo.txt").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["notes", "scan.nii.gz"]
+
+    out = tmp_path / "export"
+    assert run_cli("export", tiny_model_dir, "--format", "torchscript", "-o", out)[0] == 0
+    written = sorted(p.name for p in out.iterdir())
+    code, _, err = run_cli("export", tiny_model_dir, "--format", "torchscript", "-o", out)
+    assert code == 1 and "holds an earlier output of uniseg (use --force to replace it)" in err
+    assert run_cli("export", tiny_model_dir, "--format", "torchscript", "-o", out, "--force")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == written
+    (out / "mine.txt").write_text("added by the user")
+    code, _, err = run_cli("export", tiny_model_dir, "--format", "torchscript", "-o", out, "--force")
+    assert code == 1 and "holds mine.txt, which uniseg did not write there" in err
+    assert (out / "mine.txt").read_text() == "added by the user"

@@ -15,7 +15,7 @@ from uniseg_cli.model.network import UniSeg
 
 def test_saved_folder_loads_in_eval_mode_with_identical_outputs(tmp_path, small_model, ct_patch):
     folder = save_model(small_model, tmp_path / "model")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".uniseg-written.json", "config.json", "model.safetensors"]
     loaded = load_model(folder)
     assert not loaded.training and loaded.config == small_model.config
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_unusable_folders_are_errors_naming_the_path(tmp_path, small_model):
 
 def test_saving_never_clobbers_or_leaves_partial_folders(tmp_path, small_model):
     folder = save_model(small_model, tmp_path / "model")
-    with pytest.raises(UnisegError, match="folder exists and is not empty"):
+    with pytest.raises(UnisegError, match="holds an earlier output of uniseg"):
         save_model(small_model, folder)
     torch.manual_seed(1)
     other = UniSeg(small_config())

@@ -16,7 +16,7 @@ def export(
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Build this task into the graph (TorchScript/ONNX then take only the image) and check only it."),
     channels: Optional[int] = typer.Option(None, "--channels", min=1, help="Only the graph for this input channel count (default: one file per count the model takes)."),
     half: bool = typer.Option(False, "--half", help="safetensors: store float16 weights (half the size; loaded as float32)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder (only after the new one passed its checks)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export in the output folder (only after the new one passed its checks); a folder holding anything uniseg did not write there is never replaced."),
     as_json: bool = typer.Option(False, "--json", help="Print the files and the measured differences as JSON."),
 ) -> None:
     """Export a model and check it: every written file is run on a seeded random patch for each task

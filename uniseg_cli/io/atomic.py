@@ -175,18 +175,47 @@ def write_text(dest: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+#: The list of what uniseg wrote into a folder (``atomic_directory``), so that ``--force`` replaces
+#: only a folder holding nothing else.
+FOLDER_MANIFEST = ".uniseg-written.json"
+
+
+def foreign_entries(folder: Path, ours: Sequence[str] = ()) -> list[str]:
+    """The entries of ``folder`` that uniseg did not write there: neither listed in its manifest nor
+    among ``ours`` (the names the caller always writes, for folders made before manifests existed)."""
+    import json
+
+    try:
+        listed = set(json.loads((folder / FOLDER_MANIFEST).read_text(encoding="utf-8")).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    return sorted(e.name for e in folder.iterdir()
+                  if e.name != FOLDER_MANIFEST and e.name not in listed and e.name not in ours
+                  and not (e.name.startswith(".") and ".partial" in e.name))
+
+
 @contextlib.contextmanager
-def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(dest: str | Path, *, overwrite: bool = False, ours: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes ``dest`` only if the block succeeds.
 
-    An existing non-empty ``dest`` is an error unless ``overwrite``; then it is replaced only after
-    the new folder is complete.
+    The new folder gets a manifest (``FOLDER_MANIFEST``) of what was written. An existing non-empty
+    ``dest`` is replaced only with ``overwrite`` and only if it holds nothing but what uniseg wrote there
+    (its manifest, or ``ours``): ``--force`` never deletes a user's file. The old folder goes only after
+    the new one is complete.
     """
+    import json
+
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise UnisegError(f"{dest}: exists and is not a folder")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise UnisegError(f"{dest}: folder exists and is not empty (use --force to replace it)")
+    if dest.is_dir() and any(dest.iterdir()):
+        foreign = foreign_entries(dest, ours)
+        if foreign:
+            more = f" and {len(foreign) - 1} other(s)" if len(foreign) > 1 else ""
+            raise UnisegError(f"{dest}: holds {foreign[0]}{more}, which uniseg did not write there; give a new or "
+                              "empty folder (--force replaces only a folder uniseg wrote)")
+        if not overwrite:
+            raise UnisegError(f"{dest}: holds an earlier output of uniseg (use --force to replace it)")
     parent = dest.parent
     make_folder(parent)
     remove_leftovers(dest)
@@ -197,6 +226,9 @@ def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[P
     old = None
     try:
         yield tmp
+        names = sorted(e.name for e in tmp.iterdir() if e.name != FOLDER_MANIFEST)
+        (tmp / FOLDER_MANIFEST).write_text(json.dumps({"files": names}, indent=1) + "\n", encoding="utf-8")
+        usual_permissions(tmp / FOLDER_MANIFEST)
         if dest.exists():
             old = parent / f".{dest.name}.{os.getpid()}.old"
             dest.rename(old)

@@ -26,7 +26,7 @@ import torch
 from uniseg_cli.config import UniSegConfig
 from uniseg_cli.errors import CheckpointError, ModelFileError, first_line
 from uniseg_cli.io.atomic import atomic_directory
-from uniseg_cli.model.files import check_state_dict, load_model, write_model_files
+from uniseg_cli.model.files import MODEL_FOLDER_FILES, check_state_dict, load_model, write_model_files
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import UPSTREAM_TASKS
 
@@ -282,7 +282,7 @@ def import_checkpoint(checkpoint: str | Path, output: str | Path, *, plans: str 
         raw = UniSeg(config)
     raw.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     raw = raw.to(device).eval()
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, overwrite=overwrite, ours=MODEL_FOLDER_FILES) as tmp:
         write_model_files(raw, tmp)
         saved = load_model(tmp, device=device)
         for key, tensor in raw.state_dict().items():

@@ -107,7 +107,10 @@ def export_model(spec: str, fmt: str, output: str | Path | None = None, *, task:
     refuse_replacing_inputs(output, (source,))  # --force would delete a source model inside the output
     output = output if output.name else output.resolve()
     counts = [channels] if channels is not None else list(config.input_channels)
-    with atomic_directory(output, overwrite=force) as tmp:
+    # what an export writes, so that --force also replaces an export made before folders had a manifest
+    ours = [CONFIG_NAME, WEIGHTS_NAME, "README.md"] + [f"uniseg_{c}ch.{e}" for c in config.input_channels
+                                                       for e in ("pt", "onnx")]
+    with atomic_directory(output, overwrite=force, ours=ours) as tmp:
         report = ExportReport(fmt, output, [])
         if fmt == "safetensors":
             _export_safetensors(model, tmp, half, report, chosen)

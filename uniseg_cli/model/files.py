@@ -20,10 +20,15 @@ from uniseg_cli.model.network import UniSeg
 from uniseg_cli.weights.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
 
 
+#: What a model folder uniseg writes holds (``--force`` may replace a folder of these even if it was
+#: written before folders carried their manifest).
+MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", "manifest.json")
+
+
 def save_model(model: UniSeg, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` (its config and float weights) as a model folder, atomically."""
     folder = Path(folder)
-    with atomic_directory(folder, overwrite=overwrite) as tmp:
+    with atomic_directory(folder, overwrite=overwrite, ours=MODEL_FOLDER_FILES) as tmp:
         write_model_files(model, tmp)
     return folder
 
