@@ -57,6 +57,7 @@ class Geometry:
     affine: Any = None
     header: Any = None
     dicom_files: tuple[str, ...] = ()  # a DICOM series' slice files, in the order of array axis 0
+    modality: str = ""                 # a DICOM series' Modality (CT, MR, PT, …); '' for other files
 
     def same_grid(self, other: Geometry) -> bool:
         return (self.shape == other.shape and np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=1e-5)
@@ -241,22 +242,92 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     return _sitk_array(path, image), _sitk_geometry(path, image)
 
 
-def _read_dicom_series(path: Path, *, allow_gaps: bool) -> tuple[np.ndarray, Geometry]:
+#: Objects that share a series folder with the images but are not slices of a scan: segmentations,
+#: structure sets, reports, presentation states, registrations (by Modality, then SOP Class UID).
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "RWV"})
+NON_IMAGE_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.66.4",   # Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.7",   # Label Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.66.1",   # Spatial Registration
+})
+_MODALITY, _SOP_CLASS, _ROWS, _COLUMNS = "0008|0060", "0008|0016", "0028|0010", "0028|0011"
+
+
+def _header_tags(file: str, *tags: str) -> list[str]:
+    """Tag values of one DICOM file's header ('' where absent), without its pixels."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.ReadImageInformation()
+    return [reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "" for t in tags]
+
+
+def _image_series(path: Path) -> tuple[str, list[str]]:
+    """The one image series of a folder (id, files), ignoring non-image objects (our own SEG beside the
+    slices, say) with one line; a folder with several image series is refused."""
     import SimpleITK as sitk
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
     if not series:
         raise ImageError(f"{path}: folder holds no DICOM series")
-    if len(series) > 1:
-        raise ImageError(f"{path}: folder holds {len(series)} DICOM series; give one series per folder")
+    images, ignored = [], []
+    for uid in series:
+        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid))
+        modality, sop_class = _header_tags(files[0], _MODALITY, _SOP_CLASS)
+        if modality.upper() in NON_IMAGE_MODALITIES or sop_class in NON_IMAGE_SOP_CLASSES:
+            ignored.append(f"{modality or sop_class} {Path(files[0]).name}")
+        else:
+            images.append((uid, files))
+    if ignored:
+        log.info("%s: ignoring %d DICOM object(s) that are not image slices: %s", path, len(ignored), ", ".join(ignored))
+    if not images:
+        raise ImageError(f"{path}: folder holds no DICOM image series (only {', '.join(ignored)})")
+    if len(images) > 1:
+        sizes = ", ".join(f"{len(files)} file(s) like {Path(files[0]).name}" for _, files in images)
+        raise ImageError(f"{path}: folder holds {len(images)} DICOM image series ({sizes}); give one series per folder")
+    return images[0]
+
+
+def _odd_slice(path: Path, files: Sequence[str]) -> str | None:
+    """The slice whose size differs from the others', as one line (ITK reports only its source location)."""
+    sizes = [tuple(_header_tags(f, _COLUMNS, _ROWS)) for f in files]
+    common = max(set(sizes), key=sizes.count)
+    odd = next((i for i, size in enumerate(sizes) if size != common), None)
+    if odd is None:
+        return None
+    return (f"{files[odd]}: is {'×'.join(sizes[odd])} pixels, the other slices of the series {path} are "
+            f"{'×'.join(common)}")
+
+
+def _read_dicom_series(path: Path, *, allow_gaps: bool) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    _, files = _image_series(path)
     reader = sitk.ImageSeriesReader()
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position and orientation, read in the same pass
-    image = reader.Execute()
-    slices = [(files[i], reader.GetMetaData(i, _POSITION) if reader.HasMetaDataKey(i, _POSITION) else "",
-               reader.GetMetaData(i, _ORIENTATION) if reader.HasMetaDataKey(i, _ORIENTATION) else "")
-              for i in range(len(files))]
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        odd = _odd_slice(path, files)
+        if odd is not None:
+            raise ImageError(odd) from None
+        raise
+
+    def tag(i: int, key: str) -> str:
+        return reader.GetMetaData(i, key).strip() if reader.HasMetaDataKey(i, key) else ""
+
+    modalities = [tag(i, _MODALITY).upper() for i in range(len(files))]
+    kinds = {m: modalities.count(m) for m in dict.fromkeys(modalities)}
+    if len(kinds) > 1:
+        rare = min(kinds, key=kinds.__getitem__)
+        counts = ", ".join(f"{n} {m or 'no-modality'}" for m, n in kinds.items())
+        raise ImageError(f"{path}: slices of different modalities in one series ({counts} slices; e.g. "
+                         f"{Path(files[modalities.index(rare)]).name} is {rare or 'without a modality'}); "
+                         "give one scan per folder")
+    slices = [(files[i], tag(i, _POSITION), tag(i, _ORIENTATION)) for i in range(len(files))]
     problem = series_problem(slices)
     if problem is not None:
         stacked = set(files)
@@ -267,12 +338,16 @@ def _read_dicom_series(path: Path, *, allow_gaps: bool) -> tuple[np.ndarray, Geo
             raise ImageError(f"{path}: {problem}; pass --allow-gaps to segment it on an evenly spaced grid anyway")
         log.warning("%s: %s; segmenting it anyway (--allow-gaps) on an evenly spaced grid of %g mm", path, problem,
                     image.GetSpacing()[2])
-    return _sitk_array(path, image), replace(_sitk_geometry(path, image), dicom_files=tuple(files))
+    return _sitk_array(path, image), replace(_sitk_geometry(path, image), dicom_files=tuple(files),
+                                             modality=modalities[0] if modalities else "")
 
 
 _POSITION, _ORIENTATION = "0020|0032", "0020|0037"  # Image Position / Orientation (Patient)
-#: Slice positions may differ from even spacing by this share of the spacing (scanners round to 0.01 mm).
+#: Slice positions may differ from even spacing by this share of the spacing, plus what writing positions
+#: to two decimals does (each position off by up to 0.005 mm, so a step by up to 0.01 mm: a 0.625 mm
+#: series stored as 0.62/0.63 mm steps is even).
 SLICE_SPACING_TOLERANCE = 0.01
+POSITION_ROUNDING_MM = 0.011
 
 
 def series_problem(slices: Sequence[tuple[str, str, str]]) -> str | None:
@@ -308,7 +383,7 @@ def series_problem(slices: Sequence[tuple[str, str, str]]) -> str | None:
     if duplicate.size:
         i = duplicate[0]
         return f"two slices at the same position {along[i]:g} mm ({names[i]}, {names[i + 1]})"
-    uneven = np.flatnonzero(np.abs(steps - step) > SLICE_SPACING_TOLERANCE * step + 1e-3)
+    uneven = np.flatnonzero(np.abs(steps - step) > SLICE_SPACING_TOLERANCE * step + POSITION_ROUNDING_MM)
     if uneven.size:
         i = uneven[0]
         ratio = steps[i] / step
@@ -319,7 +394,7 @@ def series_problem(slices: Sequence[tuple[str, str, str]]) -> str | None:
                 f"slice normal ({names[i]}, {names[i + 1]}), the others are {step:g} mm apart{more}")
     offsets = positions - positions[0]
     sideways = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
-    if sideways.max() > SLICE_SPACING_TOLERANCE * step + 1e-3:
+    if sideways.max() > SLICE_SPACING_TOLERANCE * step + POSITION_ROUNDING_MM:
         return (f"slices shifted within their plane by up to {sideways.max():.3g} mm (a tilted gantry?): "
                 "they do not stack into a grid")
     return None

@@ -9,6 +9,8 @@ stacked it (``Geometry.dicom_files``), so every frame references its own source 
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from uniseg_cli.errors import UnisegError
 from uniseg_cli.io.images import Geometry
 from uniseg_cli.tasks import Code
 
+log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'uniseg-cli[dicom]'"
 
 
@@ -49,6 +52,28 @@ def _sources(geometry: Geometry) -> list[Any]:
             raise UnisegError(f"{path}: has no {', '.join(missing)} (anonymised without new UIDs?); a DICOM "
                               "output must reference them")
     return sources
+
+
+def character_set(source: Any) -> str | list[str] | None:
+    """The Specific Character Set a derived object is written with, from its source image's: scanners
+    write it empty (the default repertoire), as one value (ISO_IR 100, ISO_IR 192, GB18030) or with code
+    extensions (ISO 2022 IR 6 \\ ISO 2022 IR 100). highdicom refuses the empty value; pydicom has decoded
+    the source's names already, so a value highdicom does not know is written as UTF-8 (ISO_IR 192)."""
+    from highdicom.enum import SpecificCharacterSetValues
+
+    raw = source.get("SpecificCharacterSet")
+    values = [] if raw is None else [str(v).strip() for v in ([raw] if isinstance(raw, str) else list(raw))]
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"          # the default repertoire, with code extensions
+    values = [v for v in values if v]
+    if not values or values == ["ISO_IR 6"]:
+        return None                           # the default repertoire: no attribute needed
+    try:
+        for value in values:
+            SpecificCharacterSetValues(value)
+    except ValueError:
+        return "ISO_IR 192"
+    return values[0] if len(values) == 1 else values
 
 
 #: What a derived object references; anonymisers that blank them leave nothing to point at.
@@ -93,34 +118,42 @@ def write_dicom_seg(path: Path, labels: np.ndarray, legend: Sequence[Any], geome
             display_color=hd.color.CIELabColor.from_rgb(*terms.colour)))
     frames = numbers[labels]
     empty = not frames.any()
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings(record=True) as caught:  # about the source's own attributes (a one-part
+        warnings.simplefilter("always")                     # patient name, say): nothing a user can act on
+        seg = _segmentation(hd, sources, frames, descriptions, model=model, task=task, empty=empty)
+    for warning in caught:
+        log.debug("highdicom: %s", warning.message)
+    seg.save_as(str(path))
+
+
+def _segmentation(hd: Any, sources: list[Any], frames: np.ndarray, descriptions: list[Any], *, model: str,
+                  task: str, empty: bool) -> Any:
+    return hd.seg.Segmentation(
         source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=_series_number(sources),
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="uniseg",
         manufacturer_model_name=f"UniSeg ({model})", software_versions=__version__, device_serial_number="none",
         series_description=f"uniseg {task}"[:64], content_label="UNISEG", content_description=f"UniSeg {task}"[:64],
-        content_creator_name="uniseg^", omit_empty_frames=not empty)
-    seg.save_as(str(path))
+        content_creator_name="uniseg^", omit_empty_frames=not empty,
+        specific_character_set=character_set(sources[0]))
 
 
 def write_rtstruct(path: Path, labels: np.ndarray, legend: Sequence[Any], geometry: Geometry, *,
                    model: str, task: str) -> None:
     """An RT Structure Set with one ROI per label (name, colour), contoured slice by slice."""
     rt_utils = _need("rt_utils", "rtstruct")
+    from rt_utils import ds_helper, image_helper
+
     sources = _sources(geometry)
-    folder = Path(geometry.source)
-    structure = rt_utils.RTStructBuilder.create_new(dicom_series_path=str(folder))
-    their_order = {str(ds.SOPInstanceUID): i for i, ds in enumerate(structure.series_data)}
-    try:
-        slots = [their_order[str(ds.SOPInstanceUID)] for ds in sources]
-    except KeyError:
-        raise UnisegError(f"{folder}: rt-utils read other slices than the series segmented") from None
+    # rt-utils would read the folder itself (recursively) and place every slice on an evenly spaced grid
+    # from the first one; it is given the slices the label map was stacked from instead, and each
+    # contour is then moved onto its own slice's position (below), as the SEG's frames are.
+    structure = rt_utils.RTStruct(sources, ds_helper.create_rtstruct_dataset(sources))
     for label in _present(labels, legend):
-        mask = np.zeros((labels.shape[1], labels.shape[2], len(structure.series_data)), dtype=bool)
-        for k, slot in enumerate(slots):
-            mask[:, :, slot] = labels[k] == label.value
+        mask = np.ascontiguousarray((labels == label.value).transpose(1, 2, 0))   # (rows, columns, slices)
         structure.add_roi(mask=mask, color=list(label.terms.colour), name=label.name,
                           description=f"UniSeg {task} ({model})"[:64], roi_generation_algorithm="AUTOMATIC")
+    _onto_own_slices(structure.ds, sources, image_helper)
     ds, first = structure.ds, sources[0]
     # what rt-utils leaves out and the IOD requires (dciodvfy): Type 2 study attributes, the frame of reference
     ds.ReferringPhysicianName = first.get("ReferringPhysicianName", "")
@@ -133,7 +166,25 @@ def write_rtstruct(path: Path, labels: np.ndarray, legend: Sequence[Any], geomet
     ds.Manufacturer = "uniseg"
     ds.ManufacturerModelName = f"UniSeg ({model})"[:64]
     ds.SoftwareVersions = __version__
+    charset = character_set(first)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
     ds.save_as(str(path))  # not structure.save(): it prints to stdout, which carries data only
+
+
+def _onto_own_slices(ds: Any, sources: Sequence[Any], image_helper: Any) -> None:
+    """Put every contour from where rt-utils' evenly spaced grid put it to its referenced slice's own
+    Image Position (Patient): the same in-plane pixels, the slice's true position (they differ where a
+    series has gaps, uneven spacing or shifted slices, accepted with --allow-gaps)."""
+    grid = np.asarray(image_helper.get_pixel_to_patient_transformation_matrix(list(sources)), dtype=float)
+    slot = {str(s.SOPInstanceUID): k for k, s in enumerate(sources)}
+    for roi in ds.ROIContourSequence:
+        for contour in getattr(roi, "ContourSequence", []):
+            k = slot[str(contour.ContourImageSequence[0].ReferencedSOPInstanceUID)]
+            offset = np.asarray(sources[k].ImagePositionPatient, dtype=float) - (grid @ [0.0, 0.0, k, 1.0])[:3]
+            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) + offset
+            # 0.1 µm steps: a decimal string (DS) holds at most 16 characters, rt-utils writes floats' repr
+            contour.ContourData = [round(float(v), 4) for v in points.ravel()]
 
 
 def _series_number(sources: Sequence[Any]) -> int:
