@@ -189,6 +189,7 @@ def test_push_prepares_the_folder_with_a_model_card(small_model_dir):
         assert card.startswith("---\nlibrary_name: uniseg\n") and "# uniseg-tiny" in card
         assert "| 1 | `kidney` | CT | kidney, kidney tumour | 3 × 1.5 × 1.5 |" in card
         assert "not stated: ask the model's authors" in card and "399,545 parameters" in card
-        assert sorted(p.name for p in small_model_dir.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in small_model_dir.iterdir()) == [".uniseg-written.json", "config.json",
+                                                                     "model.safetensors"]
     finally:
         shutil.rmtree(staging)

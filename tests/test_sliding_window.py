@@ -92,7 +92,7 @@ def test_tta_flips_only_the_models_mirror_axes(small_model, ct_patch):
             flipped = torch.flip(ct_patch, axes) if axes else ct_patch
             p = torch.softmax(small_model(flipped, 1), dim=1)[:, :3]
             expected += (torch.flip(p, axes) if axes else p)[0] / 4
-        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)  # float32 rounding of the batched flips
         unmirrored = UniSeg(small_model.config.with_changes(mirror_axes=())).eval()
         unmirrored.load_state_dict(small_model.state_dict())
         plain = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]

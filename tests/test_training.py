@@ -17,6 +17,7 @@ import torch
 from uniseg_cli.training.trainer import TrainOptions
 
 FAST = dict(batches_per_task=3, batch_size=2, workers=0, device="cpu", progress=False)
+FP32 = dict(FAST, precision="fp32")  # exact comparisons: bf16 kernels may reorder sums between runs
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -188,7 +189,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(kidney_prep, 
     from uniseg_cli.training.trainer import train, training_config
 
     config = training_config(read_plan(kidney_prep), "small")
-    options = TrainOptions(epochs=3, fold="all", **FAST)
+    options = TrainOptions(epochs=3, fold="all", **FP32)
     train(kidney_prep, tmp_path / "straight", config=config, options=options)
 
     def kill_after_two(epoch: int) -> None:
@@ -200,7 +201,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(kidney_prep, 
     assert not (tmp_path / "killed/model.safetensors").exists()
     log_lines = (tmp_path / "killed/training_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log_lines] == [1, 2]
-    result = train(kidney_prep, tmp_path / "killed", options=TrainOptions(epochs=3, fold="all", resume=True, **FAST))
+    result = train(kidney_prep, tmp_path / "killed", options=TrainOptions(epochs=3, fold="all", resume=True, **FP32))
     assert [r["epoch"] for r in result.log] == [1, 2, 3]
     straight, resumed = load_file(tmp_path / "straight/model.safetensors"), load_file(tmp_path / "killed/model.safetensors")
     for key in straight:

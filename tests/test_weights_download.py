@@ -102,7 +102,8 @@ def test_download_converts_stores_and_becomes_the_default(run_cli, mirror, user_
     assert code == 0, err
     folder = user_home / "models" / NAME
     assert out.strip() == str(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "manifest.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".uniseg-written.json", "README.md", "config.json",
+                                                        "manifest.json", "model.safetensors"]
     assert f"{NAME} is now the default model" in err and "max |diff| = 0" in err
     assert not (user_home / "downloads" / NAME).exists()          # the pickles are gone once converted
 
