@@ -6,6 +6,7 @@ into one ``Error: …`` line on standard error and the error's exit code (1 runt
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ import typer
 from uniseg_cli import __version__
 from uniseg_cli.commands import evaluate, export, finetune, predict, preprocess, tasks, train, weights
 from uniseg_cli.errors import UnisegError
+from uniseg_cli.io.stdout import StdoutClosed
 
 HELP = """Prompt-driven universal 3D medical image segmentation (UniSeg).
 
@@ -96,22 +98,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, _interrupt) for s in handled} if in_main_thread else {}
+    args = list(sys.argv[1:] if argv is None else argv)
+    code = 0
     try:
-        app(args=argv, prog_name="uniseg")
+        try:
+            app(args=args, prog_name="uniseg")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        sys.stdout.flush()  # here, not at exit: a full disk or a closed pipe is reported like any error
     except UnisegError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
         what = "interrupted" if exc.signum == signal.SIGINT else f"stopped by {signal.Signals(exc.signum).name}"
-        print(f"Error: {what} (outputs not finished were removed; train/finetune continue with --resume, "
-              "predict with --skip-existing)", file=sys.stderr)
+        print(f"Error: {what} ({_resume_hint(args)})", file=sys.stderr)
         return 128 + exc.signum
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (BrokenPipeError, StdoutClosed):
+        _silence_stdout()
+        print("Error: standard output was closed by its reader (head, a pager); stopped there", file=sys.stderr)
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG) or exc.filename:
+            raise
+        _silence_stdout()
+        print(f"Error: cannot write standard output ({exc.strerror})", file=sys.stderr)
+        return 1
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0
+    return code
+
+
+def _resume_hint(args: Sequence[str]) -> str:
+    """What Ctrl-C leaves and how to go on, for the command that was running."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    hints = {"predict": "; rerun with --skip-existing to do only the rest",
+             "train": "; continue with --resume", "finetune": "; continue with --resume",
+             "weights": "; run the same command again: downloads resume where they stopped"}
+    return "outputs not finished were removed" + hints.get(command, "")
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null so that the interpreter's own flush at exit cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (tests capture stdout)
+        pass
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from uniseg_cli.errors import ConfigError, UnknownNameError
+from uniseg_cli.errors import ConfigError, UnknownNameError, UsageError
 
 #: The published pipeline clips CT to this window (HU) and scales it to [0, 1].
 CT_WINDOW: tuple[float, float] = (-325.0, 325.0)
@@ -305,6 +305,10 @@ def resolve_task(spec: str | int, tasks: Iterable[Task] = UPSTREAM_TASKS) -> Tas
     for task in tasks:
         if wanted in (n.lower() for n in task.names()):
             return task
+    known = next((t for t in UPSTREAM_TASKS if wanted in (n.lower() for n in (t.key, *t.aliases))), None)
+    if known is not None:  # a task uniseg knows, but this model was not trained for
+        raise UsageError(f"task {str(spec)!r} ({known.name}) is not one of this model's tasks "
+                         f"({', '.join(t.key for t in tasks)}); the published model uniseg-11task has it")
     raise UnknownNameError("task", str(spec), [t.key for t in tasks] + [a for t in tasks for a in t.aliases])
 
 

@@ -64,6 +64,7 @@ def predict(
     from uniseg_cli.inference.runtime import PRECISIONS, parse_size
     from uniseg_cli.inference.sliding_window import WindowOptions
     from uniseg_cli.outputs.formats import OutputOptions, parse_formats
+    from uniseg_cli.io.stdout import print_data
     from uniseg_cli.outputs.record import dumps
 
     if quiet:
@@ -87,7 +88,7 @@ def predict(
         inputs, stdin, task=task, model=model, output=output, device=device,
         window=WindowOptions(step=step, mirror=tta, batch_size=batch_size, precision=precision),
         probabilities=save_probabilities, modality=modality, shard=shard, skip_existing=skip_existing,
-        emit=(lambda result: print(dumps(result.to_json()), flush=True)) if as_json else None,
+        emit=(lambda result: print_data(dumps(result.to_json()))) if as_json else None,
         progress=not quiet, max_memory=None if max_memory is None else parse_size(max_memory), allow_gaps=allow_gaps,
         outputs=outputs, statistics_csv=statistics_csv,
     )

@@ -35,7 +35,7 @@ def _model_tasks(model: str) -> tuple[Task, ...]:
 
 
 def _print_table(listed: tuple[Task, ...]) -> None:
-    from rich.console import Console
+    from uniseg_cli.io.stdout import data_console
     from rich.table import Table
 
     table = Table(title="UniSeg tasks", title_justify="left")
@@ -45,4 +45,4 @@ def _print_table(listed: tuple[Task, ...]) -> None:
         channels = ", ".join(f"{c.name}" + (f" ({c.modality})" if c.modality != c.name else "") for c in task.channels)
         spacing = " × ".join(f"{s:g}" for s in task.target_spacing)
         table.add_row(str(task.id), task.key, ", ".join(task.aliases), channels, ", ".join(task.labels), spacing)
-    Console(soft_wrap=False).print(table)
+    data_console().print(table)

@@ -29,7 +29,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdo
     if as_json:
         print(json.dumps(models, indent=2))
         return
-    from rich.console import Console
+    from uniseg_cli.io.stdout import data_console
     from rich.table import Table
 
     table = Table(title_justify="left", title="uniseg models (registry, store and cache)")
@@ -39,7 +39,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdo
         installed = f"{m['installed_mib']:.1f} MiB" if m["installed_mib"] is not None else "no"
         table.add_row(m["name"] + (" (default)" if m.get("default") else ""), m["source"],
                       str(len(m["tasks"])) if m["tasks"] else "?", m["license"].split(" (")[0] or "?", installed)
-    Console(soft_wrap=False).print(table)
+    data_console().print(table)
 
 
 @app.command("download")

@@ -123,7 +123,7 @@ def read_image(path: str | Path, *, nan_to_zero: bool = True,
     except MemoryError:
         raise ImageError(f"{path}: not enough memory to read the image") from None
     except Exception as exc:  # every reader fails its own way on corrupt files
-        raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
+        raise ImageError(f"{path}: cannot read the image ({_reason(exc)})") from None
     check_geometry(path, geometry)
     if nan_to_zero:
         bad = ~np.isfinite(data)
@@ -133,6 +133,76 @@ def read_image(path: str | Path, *, nan_to_zero: bool = True,
             log.warning("%s: %.2g%% of the voxels are %s; they are read as 0", path, 100 * bad.mean(), what)
             data[bad] = 0.0
     return data, geometry
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of a reader's error that says what is wrong: ITK's first line is its source location,
+    NRRD's reason is the last of its ``[nrrd]`` lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    nrrd = [line.split(":", 1)[-1].strip() for line in lines if line.startswith("[nrrd]")]
+    if nrrd:
+        return nrrd[-1]
+    useful = [line for line in lines if not line.startswith("Exception thrown in SimpleITK")]
+    if useful:
+        text = useful[0]
+        return text.split("): ", 1)[-1] if text.startswith(("ITK ERROR", "itk::ERROR")) else text
+    return first_line(exc)
+
+
+#: gzip cannot shrink data by more than about 1032:1, so a compressed file this many times smaller than
+#: its header's voxel count cannot hold them (a broken header, or a truncated file).
+GZIP_MAX_RATIO = 1032
+
+
+def _check_sizes(path: Path, needed: int, available: int, shape: Sequence[int], *, compressed: bool) -> None:
+    """Refuse a file whose header promises more voxel bytes than it can hold, before allocating them."""
+    if (needed > available * GZIP_MAX_RATIO) if compressed else (needed > available):
+        shown = "×".join(str(int(s)) for s in shape)
+        raise ImageError(f"{path}: its header claims {shown} voxels ({_bytes(needed)}) but the file holds "
+                         f"{_bytes(max(available, 0))} of voxel data{' (compressed)' if compressed else ''} "
+                         "(truncated, or a broken header)")
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
+
+
+def _check_metaimage(path: Path) -> None:
+    """MetaImage (.mha/.mhd): the voxel data file must exist and be as long as the header says; ITK
+    would otherwise report only its own source location."""
+    header: dict[str, str] = {}
+    offset = 0
+    with open(path, "rb") as handle:
+        for raw in handle:
+            offset += len(raw)
+            key, _, value = raw.decode("latin-1").partition("=")
+            header[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+    data_file = header.get("ElementDataFile", "")
+    if not data_file:
+        raise ImageError(f"{path}: not a MetaImage header (no ElementDataFile line)")
+    types = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+             "MET_FLOAT": 4, "MET_DOUBLE": 8, "MET_ULONG": 8, "MET_LONG": 8}
+    try:
+        shape = [int(v) for v in header.get("DimSize", "").split()]
+        size = types[header.get("ElementType", "")] * int(header.get("ElementNumberOfChannels", "1") or 1)
+    except (KeyError, ValueError):
+        return  # ITK's own reading says what is wrong
+    if data_file.upper() == "LOCAL":
+        available = path.stat().st_size - offset
+    elif data_file.upper() == "LIST" or "%" in data_file:
+        return
+    else:
+        target = path.parent / data_file
+        if not target.is_file():
+            raise ImageError(f"{path}: its voxel data file {data_file} (ElementDataFile) is missing")
+        available = target.stat().st_size
+    compressed = header.get("CompressedData", "False").lower() == "true"
+    _check_sizes(path, int(np.prod(shape)) * size, available, shape, compressed=compressed)
 
 
 SPACING_RANGE_MM = (0.01, 100.0)  # voxel sizes outside this are broken headers, not scans
@@ -179,6 +249,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     image = nib.load(str(path))
     shape = image.shape
     _check_3d(path, shape)
+    dtype = image.get_data_dtype()
+    if dtype.fields is not None or dtype.kind in "Vc":
+        what = "RGB colour" if dtype.fields is not None else ("complex" if dtype.kind == "c" else "structured")
+        raise ImageError(f"{path}: holds {what} voxels ({dtype}); uniseg segments grey-value scans")
+    offset = int(image.header["vox_offset"]) if path.name.lower().endswith(".nii") else 0
+    _check_sizes(path, int(np.prod(shape)) * dtype.itemsize, path.stat().st_size - offset, shape,
+                 compressed=path.name.lower().endswith(".gz"))
     if len(shape) > 4 or (len(shape) == 4 and shape[3] < 1):
         raise ImageError(f"{path}: has shape {shape}; expected a 3-D volume or a 4-D stack of channels")
     data = np.asarray(image.dataobj, dtype=np.float32)
@@ -238,6 +315,8 @@ def _quiet_itk() -> None:
 def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
+    if image_ending(path) in (".mha", ".mhd"):
+        _check_metaimage(path)
     image = sitk.ReadImage(str(path))
     return _sitk_array(path, image), _sitk_geometry(path, image)
 

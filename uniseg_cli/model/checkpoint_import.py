@@ -66,6 +66,9 @@ SAFE_GLOBALS: dict[str, Any] = {
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of an nnU-Net v1 checkpoint (or of a bare pickled state dict), loaded weights-only."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give the checkpoint file itself (nnU-Net v1: "
+                              "model_final_checkpoint.model, beside its .model.pkl)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
