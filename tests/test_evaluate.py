@@ -158,3 +158,27 @@ def test_predictions_without_a_reference_are_listed_not_dropped(run_cli, tmp_pat
     assert f"{tmp_path / 'pred' / 'b_kidney.nii.gz'}: no reference for this prediction" in err
     code, out, _ = run_cli("evaluate", tmp_path / "pred", tmp_path / "ref")
     assert "1 case(s); NSD tolerance 1 mm; 1 prediction(s) without a reference, not scored" in out
+
+
+def test_a_label_in_no_map_is_refused_and_predict_folders_are_scored(run_cli, coarse_model_dir, tmp_path):
+    """`--labels 99` scored Dice 1.0; a folder with --save-probabilities or --split outputs could not be scored."""
+    import shutil
+
+    from conftest import CT, DATA
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copy(DATA / "example_seg_fast_force_split.nii.gz", refs / "example_ct.nii.gz")
+    pred = tmp_path / "pred"
+    code, _, err = run_cli("predict", CT, "-t", "liver,spleen", "-m", coarse_model_dir, "-o", pred, "--no-tta",
+                           "--split", "--save-probabilities", "nifti")
+    assert code == 0, err
+    code, _, err = run_cli("evaluate", pred, refs)
+    assert code == 2 and ("several predictions match case 'example_ct' (example_ct_liver.nii.gz, "
+                          "example_ct_spleen.nii.gz; --split maps?): pick one task's with --task, e.g. --task liver") in err
+    code, stdout, err = run_cli("evaluate", pred, refs, "--task", "spleen", "--labels", "1", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert [c["prediction"] for c in result["cases"]] == [str(pred / "example_ct_spleen.nii.gz")]
+    code, _, err = run_cli("evaluate", pred / "example_ct_spleen.nii.gz", refs / "example_ct.nii.gz", "--labels", "250")
+    assert code == 2 and "--labels 250: no voxel has this value in any prediction or reference (1 case(s))" in err

@@ -33,6 +33,11 @@ def test_downstream_keeps_the_pretrained_network_and_drops_the_prompt(run_cli, s
     splits = json.loads((out / "splits.json").read_text())["kidneyslabs"]
     assert [c["case"] for c in evaluation["cases"]] == splits[0]["val"]
     assert set(evaluation["summary"]["1"]) == {"dice", "hd95", "nsd"} and evaluation["labels"] == {"1": "kidney"}
+    from uniseg_cli.metrics import evaluate as score
+    for case in evaluation["cases"]:  # the prediction it names is the map it scored, written beside the model
+        assert case["prediction"] == str(out / "validation" / f"{case['case']}.nii.gz")
+        again = score(case["prediction"], case["reference"], labels=[1])
+        assert again["cases"][0]["labels"]["1"]["dice"] == case["labels"]["1"]["dice"]
 
     from conftest import CT
     code, _, err = run_cli("predict", CT, "-m", out, "--task", "kidneyslabs", "-o", tmp_path / "k.nii.gz", "--fast", "-q")

@@ -127,7 +127,7 @@ def test_train_records_the_mirror_axes_that_predict_then_uses(run_cli, kidney_pr
         code, _, err = run_cli("predict", __import__("conftest").CT, "-m", out, "-t", "kidney_slabs", "-o",
                                tmp_path / "k.nii.gz", "--device", "cpu", "--step", "1")
         assert code == 0, err
-        assert ("TTA on, z+y only" if axes else "TTA on, no axes in this model") in err
+        assert ("TTA on, 4 flips of z+y only" if axes else "TTA off: the model allows no mirroring") in err
     code, _, err = run_cli("train", kidney_prep, "-o", tmp_path / "bad", "--mirror-axes", "x,left")
     assert code == 2 and "--mirror-axes must be axes among z, y, x (comma-separated) or none, got 'x,left'" in err
 

@@ -148,13 +148,23 @@ def score_arrays(case: str, prediction_name: str, reference_name: str, predictio
     return scores
 
 
+def _probabilities(path: Path) -> bool:
+    """Whether ``path`` is a probability map ``predict --save-probabilities nifti`` wrote (by its header)."""
+    from uniseg_cli.io.images import image_description
+    from uniseg_cli.outputs.formats import OUTPUT_MARK
+
+    return image_description(path) == f"{OUTPUT_MARK} probabilities"
+
+
 def _case_name(path: Path) -> str:
     return Path(strip_ending(path)).name
 
 
-def pair_files(prediction: Path, reference: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
+def pair_files(prediction: Path, reference: Path, *, task: str | None = None) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """File pairs, and the predictions no reference matched: two files, or two folders matched by case
-    name (a prediction named ``CASE_<task>`` also matches ``CASE``, as ``uniseg predict`` names its outputs)."""
+    name (a prediction named ``CASE_<task>`` also matches ``CASE``, as ``uniseg predict`` names its outputs;
+    with ``task`` only ``CASE_<task>``). Probability maps ``predict`` wrote beside its label maps are not
+    predictions to score."""
     if prediction.is_file() and reference.is_file():
         return [(prediction, reference)], []
     if not (prediction.is_dir() and reference.is_dir()):
@@ -165,6 +175,11 @@ def pair_files(prediction: Path, reference: Path) -> tuple[list[tuple[Path, Path
     def images(folder: Path) -> dict[str, Path]:
         return {_case_name(p): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.endswith(IMAGE_ENDINGS)}
     predictions, references = images(prediction), images(reference)
+    predictions = {name: p for name, p in predictions.items() if not _probabilities(p)}
+    if task is not None:
+        predictions = {name: p for name, p in predictions.items() if name.endswith(f"_{task}")}
+        if not predictions:
+            raise UsageError(f"{prediction}: no prediction named CASE_{task} (--task {task})")
     if not references:
         raise UsageError(f"{reference}: no label maps ({', '.join(IMAGE_ENDINGS)})")
     pairs = []
@@ -174,7 +189,8 @@ def pair_files(prediction: Path, reference: Path) -> tuple[list[tuple[Path, Path
             candidates = [p for name, p in predictions.items() if name.startswith(case + "_")]
             if len(candidates) > 1:
                 raise UsageError(f"{reference / ref_path.name}: several predictions match case {case!r} "
-                                 f"({', '.join(p.name for p in candidates)})")
+                                 f"({', '.join(p.name for p in candidates)}; --split maps?): pick one task's with "
+                                 f"--task, e.g. --task {_case_name(candidates[0])[len(case) + 1:]}")
             match = candidates[0] if candidates else None
         if match is None:
             raise UsageError(f"{prediction}: no prediction for case {case!r} (expected {case}.nii.gz or {case}_<task>.nii.gz)")
@@ -202,15 +218,22 @@ def summarise(cases: Sequence[CaseScores]) -> dict[str, dict[str, dict[str, floa
 
 
 def evaluate(prediction: str | Path, reference: str | Path, *, labels: Sequence[int] | None = None,
-             tolerance: float = 1.0, regions: Regions = ()) -> dict[str, Any]:
-    """Every case and the summary, as the JSON ``uniseg evaluate --json`` prints."""
+             tolerance: float = 1.0, regions: Regions = (), task: str | None = None) -> dict[str, Any]:
+    """Every case and the summary, as the JSON ``uniseg evaluate --json`` prints. ``task`` picks the
+    ``CASE_<task>`` predictions of a folder holding several tasks' maps (``predict --split``)."""
     if not tolerance > 0:
         raise UsageError(f"--tolerance must be positive (mm), got {tolerance}")
-    pairs, unmatched = pair_files(Path(prediction), Path(reference))
+    pairs, unmatched = pair_files(Path(prediction), Path(reference), task=task)
     for path in unmatched:
         log.warning("%s: no reference for this prediction in %s; not scored", path, reference)
-    return report([evaluate_case(p, r, labels=labels, tolerance=tolerance, regions=regions) for p, r in pairs],
-                  tolerance, unmatched=unmatched)
+    cases = [evaluate_case(p, r, labels=labels, tolerance=tolerance, regions=regions) for p, r in pairs]
+    if labels:  # a value in no map at all would score Dice 1 everywhere: a typo, not a result
+        absent = [v for v in labels if all(s.reference_voxels == 0 and s.predicted_voxels == 0
+                                           for c in cases for s in c.labels if s.label == v)]
+        if absent:
+            raise UsageError(f"--labels {', '.join(map(str, absent))}: no voxel has this value in any prediction or "
+                             f"reference ({len(cases)} case(s)); nothing to score")
+    return report(cases, tolerance, unmatched=unmatched)
 
 
 def report(cases: Sequence[CaseScores], tolerance: float, *, unmatched: Sequence[Path] = ()) -> dict[str, Any]:

@@ -14,6 +14,7 @@ def evaluate(
     reference: Path = typer.Argument(..., metavar="REF", help="The reference label map, or a folder (matched by case name; CASE_<task> predictions match CASE)."),
     labels: Optional[str] = typer.Option(None, "--labels", metavar="1,2,...", help="Label values to score (default: every non-zero value in either map)."),
     regions: Optional[str] = typer.Option(None, "--regions", metavar="NAME=V,V;…", help="Score regions instead of labels: each the voxels holding any of its values, e.g. whole=1,2,3;core=2,3;enhancing=3 (BraTS)."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="In a folder of several tasks' maps (predict --split), score the CASE_<task> ones."),
     tolerance: float = typer.Option(1.0, "--tolerance", help="Normalised surface Dice tolerance in mm."),
     as_json: bool = typer.Option(False, "--json", help="Print per-case and summary metrics as one JSON object."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write one row per case and label (plus mean/std rows) to this CSV file."),
@@ -42,7 +43,7 @@ def evaluate(
             raise UsageError(f"--labels must be integers like 1,2,3, got {labels!r}") from None
     if regions is not None and chosen is not None:
         raise UsageError("give --labels or --regions, not both")
-    result = run(prediction, reference, labels=chosen, tolerance=tolerance,
+    result = run(prediction, reference, labels=chosen, tolerance=tolerance, task=task,
                  regions=parse_regions(regions) if regions is not None else ())
     if csv_path is not None:
         write_text(csv_path, to_csv(result))

@@ -25,7 +25,7 @@ def predict(
     preview: bool = typer.Option(False, "--preview", help="Write <output>_preview.png: axial, coronal and sagittal slices through the labels, overlaid in their colours, with a legend."),
     preview_file: Optional[Path] = typer.Option(None, "--preview-file", metavar="FILE.png", help="The preview's file name for a single case (implies --preview)."),
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation over the 8 axis flips (default on, as published; off is 8x faster)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation: the average over every flip of the axes the model was trained to mirror (its config.json mirror_axes: 8 flips for the published model, fewer or none for others; the log says which). Default on, as published; off is that many times faster."),
     step: Optional[float] = typer.Option(None, "--step", min=0.01, max=1.0, help="Tile step as a fraction of the patch size (default 0.5, as published: half-overlapping tiles); larger is faster."),
     fast: bool = typer.Option(False, "--fast", help="Preset: --no-tta --step 0.75 --precision fast (explicit options still win). Its speed and agreement with the default: docs/benchmarks.md."),
     precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fast|fp32|bf16|fp16", help="Network precision. auto (default): fp16 autocast on CUDA (it gave fp32's label maps) and fp32 elsewhere. fast (default with --fast): also bf16 on CPUs with native bf16 instructions (much faster there; see docs/benchmarks.md). fp32 on CUDA also turns TF32 off."),
@@ -63,8 +63,8 @@ def predict(
     from uniseg_cli.inference.predictor import PROBABILITY_FORMATS
     from uniseg_cli.inference.runtime import PRECISIONS, parse_size
     from uniseg_cli.inference.sliding_window import WindowOptions
-    from uniseg_cli.outputs.formats import OutputOptions, parse_formats
     from uniseg_cli.io.stdout import print_data
+    from uniseg_cli.outputs.formats import OutputOptions, parse_formats
     from uniseg_cli.outputs.record import dumps
 
     if quiet:

@@ -35,8 +35,9 @@ def _model_tasks(model: str) -> tuple[Task, ...]:
 
 
 def _print_table(listed: tuple[Task, ...]) -> None:
-    from uniseg_cli.io.stdout import data_console
     from rich.table import Table
+
+    from uniseg_cli.io.stdout import data_console
 
     table = Table(title="UniSeg tasks", title_justify="left")
     for column in ("id", "key", "aliases", "input channels", "labels (1, 2, …)", "spacing z,y,x mm"):

@@ -29,8 +29,9 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdo
     if as_json:
         print(json.dumps(models, indent=2))
         return
-    from uniseg_cli.io.stdout import data_console
     from rich.table import Table
+
+    from uniseg_cli.io.stdout import data_console
 
     table = Table(title_justify="left", title="uniseg models (registry, store and cache)")
     for column in ("name", "source", "tasks", "licence", "installed"):

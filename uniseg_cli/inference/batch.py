@@ -208,9 +208,12 @@ def _tta(mirror: bool, axes: tuple[int, ...]) -> str:
     """How the log names the TTA: on, off, or the axes a model restricts it to (its ``mirror_axes``)."""
     if not mirror:
         return "off"
+    if not axes:
+        return "off: the model allows no mirroring (trained without it)"
+    flips = 2 ** len(axes)
     if axes == ALL_AXES:
-        return "on"
-    return "on, " + ("+".join("zyx"[a] for a in axes) + " only" if axes else "no axes in this model")
+        return f"on, {flips} flips"
+    return f"on, {flips} flips of {'+'.join('zyx'[a] for a in axes)} only (the model's mirror axes)"
 
 
 def _describe(exc: BaseException) -> str:

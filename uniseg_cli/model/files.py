@@ -19,7 +19,6 @@ from uniseg_cli.io.atomic import atomic_directory, usual_permissions
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.weights.hub import CONFIG_NAME, WEIGHTS_NAME, model_paths
 
-
 #: What a model folder uniseg writes holds (``--force`` may replace a folder of these even if it was
 #: written before folders carried their manifest).
 MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", "manifest.json")

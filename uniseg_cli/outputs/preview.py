@@ -8,6 +8,7 @@ right is on the image's left and superior at the top.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,14 @@ class PreviewLayout:
 def radiological(volume: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, tuple[float, float, float]]:
     """``volume`` (z, y, x) as (S→I, A→P, R→L) and its spacing in that order."""
     direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    # the world axis each array axis runs along most, one each (0 L-R (+L), 1 A-P (+P), 2 S-I (+S)): the
+    # assignment with the largest summed cosines, so that an oblique scan (axes at 45°) is still shown
+    columns = [direction[:, 2 - axis] for axis in range(3)]   # array axis 0 is index axis k (column 2)
+    worlds = max(itertools.permutations(range(3)),
+                 key=lambda w: sum(abs(columns[axis][w[axis]]) for axis in range(3)))
     order, flips = [0, 0, 0], []
-    for axis in range(3):                              # array axis 0 is index axis k (column 2)
-        column = direction[:, 2 - axis]
-        world = int(np.argmax(np.abs(column)))         # 0 L-R (+L), 1 A-P (+P), 2 S-I (+S)
+    for axis in range(3):
+        column, world = columns[axis], worlds[axis]
         order[2 - world] = axis
         increasing = column[world] > 0
         if (world == 2 and increasing) or (world != 2 and not increasing):

@@ -33,11 +33,12 @@ from uniseg_cli.data.datasets import default_task_key, label_classes, read_datas
 from uniseg_cli.data.training_cache import TaskData, preprocess_datasets
 from uniseg_cli.errors import UsageError
 from uniseg_cli.inference.sliding_window import WindowOptions
-from uniseg_cli.io.atomic import write_text
-from uniseg_cli.io.images import read_channels, read_image
+from uniseg_cli.io.atomic import make_folder, write_text
+from uniseg_cli.io.images import read_channels, read_image, write_array
 from uniseg_cli.metrics import CaseScores, report, score_arrays
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
+from uniseg_cli.outputs.formats import OUTPUT_MARK
 from uniseg_cli.tasks import Task
 from uniseg_cli.training.trainer import (
     SPLITS_NAME,
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("downstream", "new-task")
 EVALUATION_NAME = "evaluation.json"
+VALIDATION_FOLDER = "validation"  # the held-out cases' label maps evaluation.json scored
 #: The paper's downstream fine-tuning: 100 epochs × 250 batches, lr 0.01, the same optimiser.
 FINETUNE_EPOCHS = 100
 FINETUNE_BATCHES = 250
@@ -228,6 +230,8 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
         log.info("no held-out cases (fold %s): no evaluation.json", options.fold)
         return None
     segmenter = Segmenter(output, device=options.device, window=window)
+    predictions = output / VALIDATION_FOLDER
+    make_folder(predictions)
     cases: list[CaseScores] = []
     for name in held_out:
         props = data.properties(name)
@@ -235,8 +239,10 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
         prediction = segmenter.predict_array(image, geometry.spacing, data.task.key,
                                              axis_world=geometry.array_axis_world(), source=props["channels"][0])
         reference = label_classes(read_image(props["label"])[0][0], data.label_values)
+        written = predictions / f"{name}.nii.gz"   # what was scored, for a look in a viewer (nnU-Net's validation/)
+        write_array(written, prediction.labels, geometry, description=OUTPUT_MARK)
         task = data.task  # a region task is scored per region, as nnU-Net and BraTS score it
-        cases.append(score_arrays(name, props["channels"][0], props["label"], prediction.labels, reference,
+        cases.append(score_arrays(name, str(written), props["label"], prediction.labels, reference,
                                   geometry.spacing, list(range(1, task.num_classes)), tolerance,
                                   regions=list(zip(task.region_names, task.regions))))
         log.info("held-out %s: Dice %s", name, ", ".join(f"{s.label}: {s.dice:.3f}" for s in cases[-1].labels))
