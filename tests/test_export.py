@@ -170,3 +170,15 @@ def test_force_replaces_only_an_earlier_export_never_a_users_files(run_cli, tiny
     code, _, err = run_cli("export", tiny_model_dir, "--format", "torchscript", "-o", out, "--force")
     assert code == 1 and "holds mine.txt, which uniseg did not write there" in err
     assert (out / "mine.txt").read_text() == "added by the user"
+
+
+def test_onnx_export_prints_no_warnings_of_torchs_exporter(tiny_model_dir, tmp_path):
+    """torch's exporter wrote four torchvision lines per graph to the terminal, past our logging."""
+    pytest.importorskip("onnxscript", reason="the export extra is not installed (pip install '.[export]')")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "uniseg_cli", "export", str(tiny_model_dir), "--format", "onnx",
+                             "--task", "kidney", "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr and result.stderr.count("\n") <= 3, result.stderr

@@ -180,6 +180,9 @@ def _export_onnx(wrapper: TaskLogits, path: Path, count: int, patch_size: tuple[
     shapes = {"image": {0: batch}} if fixed else {"image": {0: batch}, "task": None}
     # the exporter reports progress on stdout and logs every pass: stdout carries only data in uniseg
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    # and it warns once per graph that torchvision's detection operators are not registered: this
+    # network uses none of them
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         try:
