@@ -234,3 +234,20 @@ def test_memory_and_a_corrupt_plan_are_named_for_what_they_are(run_cli, kidney_d
     (out / "plan.json").write_text("{ truncated")
     line = _one_error(run_cli, "-d", f"kidney={kidney_dataset}", "-o", out)
     assert f"{out / 'plan.json'}: unreadable (" in line and "remove" in line   # was: "other datasets or tasks"
+
+
+def test_a_truncated_cached_array_is_named_before_training_and_redone_by_preprocess(run_cli, kidney_dataset,
+                                                                                    tmp_path):
+    """A truncated .npy in the cache failed training mid-way (after minutes, leaving a partial model folder)."""
+    import json
+
+    prep = tmp_path / "prep"
+    assert run_cli("preprocess", "-d", f"kidney_slabs={kidney_dataset}", "-o", prep, "-j", "1")[0] == 0
+    array = next((prep / "kidney_slabs").glob("*_seg.npy"))
+    whole = array.read_bytes()
+    array.write_bytes(whole[: len(whole) // 3])
+    code, _, err = run_cli("train", prep, "-o", tmp_path / "model", "--epochs", "1", "--device", "cpu")
+    assert code == 1 and f"{array}: ends after {len(whole) // 3} of {len(whole)} bytes (truncated)" in err
+    assert "rerun `uniseg preprocess` with the same datasets" in err and not (tmp_path / "model").exists()
+    assert run_cli("preprocess", "-d", f"kidney_slabs={kidney_dataset}", "-o", prep, "-j", "1")[0] == 0
+    assert array.read_bytes() == whole and json.loads((prep / "plan.json").read_text())["tasks"]

@@ -101,8 +101,35 @@ def read_plan(folder: str | Path) -> list[TaskData]:
         if missing:
             raise UnisegError(f"{data.folder}: {len(missing)} case(s) not pre-processed yet ({missing[0]}, …); "
                               "rerun `uniseg preprocess` to finish")
+        for case in data.cases:  # before training starts, not when the sampler first reaches the case
+            problem = case_incomplete(data.folder, case)
+            if problem is not None:
+                raise UnisegError(f"{problem}; rerun `uniseg preprocess` with the same datasets: it redoes the case")
         tasks.append(data)
     return tasks
+
+
+def case_incomplete(folder: Path, case: str) -> str | None:
+    """Why a pre-processed case is not complete (None: it is): its ``.json`` (written last) is missing, or
+    an array file is missing, truncated or not an array (a disk that filled up, a copy cut short)."""
+    if not (folder / f"{case}.json").exists():
+        return f"{folder / case}.json: missing"
+    for path in (folder / f"{case}.npy", folder / f"{case}_seg.npy"):
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(handle)
+                expected = handle.tell() + int(np.prod(shape)) * dtype.itemsize
+        except FileNotFoundError:
+            return f"{path}: missing"
+        except (OSError, ValueError) as exc:
+            return f"{path}: not a readable array ({first_line(exc)})"
+        size = path.stat().st_size
+        if size < expected:
+            return f"{path}: ends after {size} of {expected} bytes (truncated)"
+    return None
 
 
 # ---------------------------------------------------------------------------------- preprocess
@@ -130,7 +157,7 @@ def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequ
     # 1. integrity: every file of every case not done yet, before any work
     checks: list[list[CaseCheck]] = []
     todo = [(key, d, case) for key, d in datasets for case in d.cases
-            if not (output / key / f"{case.name}.json").exists()]
+            if case_incomplete(output / key, case.name) is not None]
     fresh = _map(check_case, [(case, d) for _, d, case in todo], workers, "checking", progress)
     fresh_by_case = {(key, c.name): r for (key, _, c), r in zip(todo, fresh)}
     for key, dataset in datasets:
@@ -160,7 +187,7 @@ def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequ
 
     # 2. pre-process what is not done yet, in parallel, each case written atomically
     jobs = [(case, dataset, task, output / task.key) for task, (_, dataset) in zip(tasks, datasets)
-            for case in dataset.cases if not (output / task.key / f"{case.name}.json").exists()]
+            for case in dataset.cases if case_incomplete(output / task.key, case.name) is not None]
     for task in tasks:
         (output / task.key).mkdir(parents=True, exist_ok=True)
     log.info("pre-processing %d case(s) with %d worker(s) into %s", len(jobs), min(workers, max(len(jobs), 1)), output)
