@@ -236,6 +236,8 @@ def test_split_writes_one_map_per_task_in_its_own_numbering(run_cli, coarse_mode
     record = json.loads(stdout)
     assert record["output"] == str(tmp_path / "example_ct_liver.nii.gz")
     assert record["outputs"]["spleen:nifti"] == str(tmp_path / "example_ct_spleen.nii.gz")
+    assert record["outputs"]["liver:nifti"] == str(tmp_path / "example_ct_liver.nii.gz")    # every map, the first too
+    assert record["outputs"]["liver:sidecar"] == str(tmp_path / "example_ct_liver.json")    # the case record
     assert sorted(p.name for p in tmp_path.iterdir()) == ["example_ct_liver.json", "example_ct_liver.nii.gz",
                                                           "example_ct_spleen.json", "example_ct_spleen.nii.gz"]
     spleen = np.asarray(nib.load(tmp_path / "example_ct_spleen.nii.gz").dataobj)
