@@ -39,7 +39,11 @@ def test_missing_file(run_cli, coarse_model_dir, tmp_path, out):
 
 def test_corrupt_file(run_cli, coarse_model_dir, tmp_path, out):
     corrupt = tmp_path / "broken.nii.gz"
-    corrupt.write_bytes(CT.read_bytes()[:5000])
+    corrupt.write_bytes(CT.read_bytes()[:5000])            # too short to hold its voxels even at gzip's best ratio
+    code, _, err = run_cli("predict", corrupt, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
+    assert code == 1 and _one_error_line(err).startswith(f"Error: {corrupt}: its header claims 122×101×112 voxels "
+                                                         "(5.52 MB) but its 5 kB of compressed data cannot hold them")
+    corrupt.write_bytes(CT.read_bytes()[:50000])           # could hold them: the reader finds the end
     code, _, err = run_cli("predict", corrupt, "-t", "kidney", "-m", coarse_model_dir, "-o", out)
     assert code == 1 and _one_error_line(err).startswith(f"Error: {corrupt}: cannot read the image (")
     assert _outputs(out) == []

@@ -158,8 +158,9 @@ def _check_sizes(path: Path, needed: int, available: int, shape: Sequence[int], 
     """Refuse a file whose header promises more voxel bytes than it can hold, before allocating them."""
     if (needed > available * GZIP_MAX_RATIO) if compressed else (needed > available):
         shown = "×".join(str(int(s)) for s in shape)
-        raise ImageError(f"{path}: its header claims {shown} voxels ({_bytes(needed)}) but the file holds "
-                         f"{_bytes(max(available, 0))} of voxel data{' (compressed)' if compressed else ''} "
+        holds = (f"its {_bytes(max(available, 0))} of compressed data cannot hold them" if compressed
+                 else f"the file holds {_bytes(max(available, 0))} of voxel data")
+        raise ImageError(f"{path}: its header claims {shown} voxels ({_bytes(needed)}) but {holds} "
                          "(truncated, or a broken header)")
 
 
