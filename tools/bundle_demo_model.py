@@ -2,7 +2,7 @@
 
     python tools/bundle_demo_model.py WORK_FOLDER
 
-Writes uniseg_cli/weights/uniseg-demo/ (config.json with the licence set, model.safetensors unchanged,
+Writes weights/uniseg-demo/ (config.json with the licence set, model.safetensors unchanged,
 README.md model card with the training record and the held-out Dice from WORK_FOLDER/held_out.json) and
 the registry entry ``uniseg-demo`` with the files' sha256.
 """
@@ -43,7 +43,7 @@ def _rows(config: UniSegConfig, results: dict) -> list[str]:
 
 def main() -> int:
     work = Path(sys.argv[1])
-    target = ROOT / "uniseg_cli" / "weights" / NAME
+    target = ROOT / "weights" / NAME
     target.mkdir(parents=True, exist_ok=True)
     config = UniSegConfig.from_json_file(work / "model" / "config.json").with_changes(
         license=LICENSE,
@@ -123,7 +123,7 @@ evaluated on anything else.
 (Apache-2.0; TCIA TCGA-LGG images).
 """
     (target / "README.md").write_text(card, encoding="utf-8")
-    registry_path = ROOT / "uniseg_cli" / "weights" / "registry.json"
+    registry_path = ROOT / "weights" / "registry.json"
     registry = json.loads(registry_path.read_text())
     registry["models"][NAME] = {
         "description": "demonstration model bundled for offline use: liver, kidney, spleen (CT), brain tumour (4 MR)",

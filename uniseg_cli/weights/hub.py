@@ -156,7 +156,8 @@ class ResolvedModel:
 
 
 def registry_folder() -> Path:
-    return Path(str(resources.files("uniseg_cli.weights")))
+    """The shipped model data: the top-level ``weights/`` folder, installed as ``uniseg_cli.weights_data``."""
+    return Path(str(resources.files("uniseg_cli.weights_data")))
 
 
 def load_registry(path: Path | None = None) -> Registry:
