@@ -101,7 +101,7 @@ def run_one(tool: str, model_dir: str, run: dict, out: str) -> None:
     if tool == "uniseg":
         with torch.inference_mode():
             options = WindowOptions(mirror=run["tta"], precision=run["precision"])
-            probs = sliding_window(model, x, [(task.id, task.num_classes)], options)[0]
+            probs = sliding_window(model, x, [task.label_manager.head], options)[0]
             window = time.perf_counter() - start
             labels = labels_from_probabilities(probs, info)[0].numpy()
     else:

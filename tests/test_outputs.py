@@ -308,3 +308,65 @@ def test_one_preview_file_for_several_cases_is_a_usage_error(run_cli, coarse_mod
     code, _, err = run_cli("predict", CT, "-t", "liver", "-m", coarse_model_dir, "--preview-file", tmp_path / "p.jpg")
     assert code == 2 and "--preview-file" in err and "must end in .png" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_region_tasks_formats_carry_its_regions_with_their_voxels(series, tmp_path):
+    """A region task (body ⊃ bone, nested, from the real CT's own HU) written as DICOM SEG, seg.nrrd and
+    RTSTRUCT: each holds the regions (body = both classes), overlapping, named as the regions; read back
+    with highdicom, slicerio and rt-utils they hold the regions' voxels. The NIfTI map keeps the classes."""
+    for module in ("highdicom", "rt_utils"):
+        pytest.importorskip(module, reason="the dicom extra: pip install '.[dicom]'")
+    import highdicom as hd
+    import pydicom
+    import slicerio
+    from rt_utils import RTStructBuilder
+
+    from uniseg_cli.inference.phases import Label
+    from uniseg_cli.io.images import read_channels
+    from uniseg_cli.outputs.formats import FORMATS, MapToWrite
+    from uniseg_cli.tasks import CT_WINDOW, Channel, Task
+
+    data, geometry = read_channels([series])
+    hu = data[0]
+    labels = np.where(hu > 300, 2, np.where(hu > -300, 1, 0)).astype(np.uint8)     # 1 soft tissue, 2 bone
+    task = Task(0, "body_regions", "body", (Channel("CT", "CT", "ct", CT_WINDOW),), ("body", "bone"),
+                (3.0, 1.5, 1.5), regions=((1, 2), (2,)), region_order=(1, 2))
+    manager = task.label_manager
+    assert [c.name for c in manager.classes] == ["body without bone", "bone"]
+    legend = [Label(c.values[0], c.name, task.key) for c in manager.classes]
+    item = MapToWrite(labels, legend, geometry, "test", task.key, manager.regions)
+    assert [(s.name, s.values) for s in item.segments] == [("body", (1, 2)), ("bone", (2,))]
+    paths = {"dicom-seg": tmp_path / "r.dcm", "seg-nrrd": tmp_path / "r.seg.nrrd", "rtstruct": tmp_path / "r_rt.dcm"}
+    for fmt, path in paths.items():
+        FORMATS[fmt].write(path, item)
+    truth = {"body": labels > 0, "bone": labels == 2}
+
+    seg = hd.seg.segread(paths["dicom-seg"])
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in _series_files(series)]
+    uids = [ds.SOPInstanceUID for ds in sources]
+    numbers = {d.SegmentLabel: d.SegmentNumber for d in seg.SegmentSequence}
+    assert list(numbers) == ["body", "bone"]
+    for name, mask in truth.items():
+        stack = seg.get_pixels_by_source_instance(uids, segment_numbers=[numbers[name]])[..., 0].astype(bool)
+        assert np.array_equal(stack, mask), name                                 # exactly, overlap included
+
+    segmentation = slicerio.read_segmentation(str(paths["seg-nrrd"]))
+    assert [s["name"] for s in segmentation["segments"]] == ["body", "bone"]
+    for name, mask in truth.items():
+        assert np.array_equal(slicerio.segment_mask(segmentation, name).transpose(2, 1, 0), mask), name
+
+    structure = RTStructBuilder.create_from(dicom_series_path=str(series), rt_struct_path=str(paths["rtstruct"]))
+    assert sorted(structure.get_roi_names()) == ["body", "bone"]
+    slot = {ds.SOPInstanceUID: i for i, ds in enumerate(structure.series_data)}
+    order = [slot[uid] for uid in uids]
+    for name, mask in truth.items():
+        back = structure.get_roi_mask_by_name(name)[:, :, order].transpose(2, 0, 1)
+        assert 2 * (back & mask).sum() / (back.sum() + mask.sum()) >= 0.9, name   # polygons of a noisy mask
+
+
+def test_a_structure_has_one_colour_in_merged_and_split_maps():
+    """Colours of labels the terminology table does not know were picked by their value in one map."""
+    from uniseg_cli.inference.phases import Label
+
+    merged, split = Label(7, "my organ", "my_task"), Label(1, "my organ", "my_task")
+    assert merged.terms == split.terms

@@ -44,7 +44,12 @@ def test_a_region_dataset_becomes_a_region_task(region_prep):
     (data,) = read_plan(region_prep)
     task = data.task
     assert task.labels == ("kidneys", "left kidney") and task.regions == ((1, 2), (2,)) and task.region_order == (1, 2)
-    assert task.outputs == 2 and task.region_names == ("kidneys", "left kidney")
+    manager = task.label_manager
+    assert manager.num_outputs == 2 and manager.head.sigmoid                   # one sigmoid per region, no background
+    assert [(r.name, r.values) for r in manager.regions] == [("kidneys", (1, 2)), ("left kidney", (2,))]
+    # class 1 is not "kidneys": it is the kidneys without the left one
+    assert [(c.name, c.values) for c in manager.classes] == [("kidneys without left kidney", (1,)),
+                                                            ("left kidney", (2,))]
     assert Task.from_dict(task.to_dict()) == task                              # config.json carries the regions
     assert set(np.unique(np.asarray(data.labels("ct1")))) == {0, 1, 2}
 
@@ -104,14 +109,28 @@ def test_train_predict_and_evaluate_a_region_task(run_cli, region_prep, tmp_path
     probabilities = np.load(tmp_path / "pred_probabilities.npz")["kidney_regions"].astype(np.float32)
     assert probabilities.shape == (2, *labels.shape[::-1])                    # one sigmoid per region
     expected = np.where(probabilities[1] > 0.5, 2, np.where(probabilities[0] > 0.5, 1, 0)).transpose(2, 1, 0)
-    assert np.mean(expected == labels) > 0.999                                 # float16 rounding at 0.5 aside
-    assert [(r["value"], r["name"]) for r in json.loads(stdout)["labels"]] == [(1, "kidneys"), (2, "left kidney")]
+    clear = (np.abs(probabilities - 0.5) > 1e-3).all(axis=0).transpose(2, 1, 0)  # float16 rounds near 0.5
+    assert clear.mean() > 0.9 and np.array_equal(expected[clear], labels[clear])
+    record = json.loads(stdout)
+    assert [(r["value"], r["name"]) for r in record["labels"]] == [(1, "kidneys without left kidney"),
+                                                                   (2, "left kidney")]
+    counts = np.bincount(labels.ravel(), minlength=3)
+    assert [(r["name"], r["values"], r["voxels"]) for r in record["regions"]] == [
+        ("kidneys", [1, 2], int(counts[1] + counts[2])), ("left kidney", [2], int(counts[2]))]
 
-    code, stdout, err = run_cli("evaluate", tmp_path / "pred.nii.gz", tmp_path / "pred.nii.gz", "--regions",
+    table = json.loads((tmp_path / "pred.json").read_text())                  # the label table lists both
+    assert [(e["value"], e["name"]) for e in table["labels"]] == [(1, "kidneys without left kidney"),
+                                                                  (2, "left kidney")]
+    assert [(e["values"], e["name"]) for e in table["regions"]] == [([1, 2], "kidneys"), ([2], "left kidney")]
+    # the region volumes are the voxels evaluate --regions counts on the same map
+    reference = tmp_path / "ref.nii.gz"
+    image = nib.load(tmp_path / "pred.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(labels.shape, np.uint8), image.affine), reference)   # an empty reference
+    code, stdout, err = run_cli("evaluate", tmp_path / "pred.nii.gz", reference, "--regions",
                                 "kidneys=1,2;left=2", "--json")
     assert code == 0, err
     scores = json.loads(stdout)["cases"][0]["labels"]
-    assert list(scores) == ["kidneys", "left"] and all(s["dice"] == 1.0 for s in scores.values())
+    assert [scores[n]["predicted_voxels"] for n in ("kidneys", "left")] == [r["voxels"] for r in record["regions"]]
     code, _, err = run_cli("evaluate", tmp_path / "pred.nii.gz", tmp_path / "pred.nii.gz", "--regions", "kidneys=")
     assert code == 2 and "expected NAME=V,V,…;NAME=V,…" in err
 
@@ -158,5 +177,9 @@ def test_a_prompted_model_mixes_region_and_softmax_tasks(run_cli, region_dataset
     code, stdout, err = run_cli("predict", CT, "-t", "kidney_slabs,kidney_regions", "-m", out, "-o", tmp_path / "p",
                                 "--no-tta", "--split", "--json", "-q")
     assert code == 0, err
-    labels = {(r["task"], r["value"], r["name"]) for r in json.loads(stdout)["labels"]}
-    assert labels == {("kidney_slabs", 1, "kidney"), ("kidney_regions", 1, "kidneys"), ("kidney_regions", 2, "left kidney")}
+    record = json.loads(stdout)
+    labels = {(r["task"], r["value"], r["name"]) for r in record["labels"]}
+    assert labels == {("kidney_slabs", 1, "kidney"), ("kidney_regions", 1, "kidneys without left kidney"),
+                      ("kidney_regions", 2, "left kidney")}
+    assert [(r["task"], r["name"], r["values"]) for r in record["regions"]] == [
+        ("kidney_regions", "kidneys", [1, 2]), ("kidney_regions", "left kidney", [2])]

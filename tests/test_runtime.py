@@ -7,6 +7,7 @@ import torch
 
 from uniseg_cli.errors import UsageError
 from uniseg_cli.inference.runtime import resolve_precision
+from uniseg_cli.labels import Head
 from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
 
 
@@ -41,8 +42,8 @@ def test_training_precision_is_the_recipes_mixed_precision_and_bf16_on_native_cp
 
 def test_bf16_window_accumulates_float32_close_to_fp32(small_model, ct_patch):
     with torch.inference_mode():
-        full = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]
-        half = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False, precision="bf16"))[0]
+        full = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
+        half = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision="bf16"))[0]
     assert half.dtype == torch.float32
     assert (half - full).abs().max() < 0.05 and not torch.equal(half, full)
 
@@ -99,8 +100,8 @@ def test_each_command_tunes_its_own_process(command, expected, tmp_path):
 
 def test_accumulating_elsewhere_gives_the_same_probabilities(small_model, ct_patch):
     with torch.inference_mode():
-        here = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]
-        there = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False),
+        here = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
+        there = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False),
                                accumulate_on=torch.device("cpu"))[0]
     assert torch.equal(here, there)
 
@@ -168,8 +169,8 @@ def test_one_default_precision_for_the_command_the_api_and_validation(small_mode
     assert Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False)).window.precision == \
         resolve_precision("auto", torch.device("cpu"))
     with torch.inference_mode():
-        auto = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]
-        fp32 = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False, precision="fp32"))[0]
+        auto = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
+        fp32 = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision="fp32"))[0]
         assert torch.equal(auto, fp32)                           # auto is fp32 on a CPU
         with pytest.raises(UsageError, match="--precision must be one of"):
-            sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(precision="fp8"))   # was: silently fp32
+            sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(precision="fp8"))   # was: silently fp32

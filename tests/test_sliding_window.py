@@ -16,6 +16,7 @@ from uniseg_cli.inference.sliding_window import (
     sliding_window,
     tile_starts,
 )
+from uniseg_cli.labels import Head
 from uniseg_cli.model.network import UniSeg
 
 
@@ -68,7 +69,7 @@ def test_gaussian_equals_nnunet():
 
 def test_one_tile_with_mirroring_is_the_average_of_eight_flipped_softmaxes(small_model, ct_patch):
     with torch.inference_mode():
-        ours = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=True))[0]
+        ours = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=True))[0]
         expected = torch.zeros(3, 32, 64, 64)
         for r in range(4):
             for axes in itertools.combinations((2, 3, 4), r):
@@ -86,7 +87,7 @@ def test_tta_flips_only_the_models_mirror_axes(small_model, ct_patch):
     lateral = UniSeg(small_model.config.with_changes(mirror_axes=(0, 1))).eval()
     lateral.load_state_dict(small_model.state_dict())
     with torch.inference_mode():
-        ours = sliding_window(lateral, ct_patch[0], [(1, 3)], WindowOptions(mirror=True))[0]
+        ours = sliding_window(lateral, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=True))[0]
         expected = torch.zeros(3, 32, 64, 64)
         for axes in [(), (2,), (3,), (2, 3)]:
             flipped = torch.flip(ct_patch, axes) if axes else ct_patch
@@ -95,15 +96,15 @@ def test_tta_flips_only_the_models_mirror_axes(small_model, ct_patch):
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)  # float32 rounding of the batched flips
         unmirrored = UniSeg(small_model.config.with_changes(mirror_axes=())).eval()
         unmirrored.load_state_dict(small_model.state_dict())
-        plain = sliding_window(small_model, ct_patch[0], [(1, 3)], WindowOptions(mirror=False))[0]
-        assert torch.equal(sliding_window(unmirrored, ct_patch[0], [(1, 3)], WindowOptions(mirror=True))[0], plain)
+        plain = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
+        assert torch.equal(sliding_window(unmirrored, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=True))[0], plain)
 
 
 def test_tasks_sharing_the_encoder_and_batched_tiles_change_nothing(small_model, ct_volume):
     data = torch.from_numpy(np.clip(ct_volume[30:80, 10:90, 20:110], -325, 325) / 650 + 0.5)[None].float()
     with torch.inference_mode():
-        together = sliding_window(small_model, data, [(0, 3), (6, 2)], WindowOptions(mirror=False, step=0.5))
-        alone = sliding_window(small_model, data, [(6, 2)], WindowOptions(mirror=False, step=0.5, batch_size=3))
+        together = sliding_window(small_model, data, [Head(0, 3), Head(6, 2)], WindowOptions(mirror=False, step=0.5))
+        alone = sliding_window(small_model, data, [Head(6, 2)], WindowOptions(mirror=False, step=0.5, batch_size=3))
     assert together[0].shape == (3, 50, 80, 90) and together[1].shape == (2, 50, 80, 90)
     torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=0)
     # Softmax restricted to the task's classes: each voxel's probabilities sum to at most 1.
@@ -116,7 +117,7 @@ def test_progress_counts_every_pass_over_a_tile(small_model, ct_volume, mirror, 
     tiles = np.prod([len(s) for s in tile_starts(data.shape[1:], small_model.config.patch_size, 0.5)])
     reports = []
     with torch.inference_mode():
-        sliding_window(small_model, data, [(1, 3)], WindowOptions(mirror=mirror, batch_size=batch_size),
+        sliding_window(small_model, data, [Head(1, 3)], WindowOptions(mirror=mirror, batch_size=batch_size),
                        on_progress=lambda done, total: reports.append((done, total)))
     passes = tiles * (8 if mirror else 1)
     assert {total for _, total in reports} == {passes} and reports[-1][0] == passes
@@ -130,7 +131,7 @@ def test_encoder_and_fusion_run_once_per_tile_for_several_tasks(small_model, ct_
     small_model.fusion_layer.register_forward_hook(lambda *_: calls.__setitem__("fusion", calls["fusion"] + 1))
     small_model.tu[0].register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
     with torch.inference_mode():
-        sliding_window(small_model, ct_patch[0], [(0, 3), (1, 3), (6, 2)], WindowOptions(mirror=False))
+        sliding_window(small_model, ct_patch[0], [Head(0, 3), Head(1, 3), Head(6, 2)], WindowOptions(mirror=False))
     assert calls == {"encoder": 1, "fusion": 1, "decoder": 3}
 
 
@@ -144,11 +145,11 @@ def test_cuda_tile_loop_never_waits_for_the_gpu(small_model, ct_volume):
     data = torch.from_numpy(np.clip(ct_volume[30:80, 10:90, 20:110], -325, 325) / 650 + 0.5)[None].float().cuda()
     options = WindowOptions(mirror=True, step=0.5, precision="fp16")
     with torch.inference_mode():
-        sliding_window(model, data, [(0, 3), (6, 2)], options)  # warm-up: lazy CUDA and cuDNN set-up syncs
+        sliding_window(model, data, [Head(0, 3), Head(6, 2)], options)  # warm-up: lazy CUDA and cuDNN set-up syncs
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            outputs = sliding_window(model, data, [(0, 3), (6, 2)], options)
+            outputs = sliding_window(model, data, [Head(0, 3), Head(6, 2)], options)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert [tuple(o.shape) for o in outputs] == [(3, 50, 80, 90), (2, 50, 80, 90)] and outputs[0].is_cuda
@@ -181,6 +182,6 @@ def test_overlapping_tiles_blend_as_a_gaussian_weighted_average(small_model, ct_
             uniform[(slice(None), *window)] += probs
             counts[window] += 1
     with torch.inference_mode():
-        ours = sliding_window(small_model, data, [(1, 3)], WindowOptions(mirror=False, step=0.5, precision="fp32"))[0]
+        ours = sliding_window(small_model, data, [Head(1, 3)], WindowOptions(mirror=False, step=0.5, precision="fp32"))[0]
     np.testing.assert_allclose(ours.numpy(), weighted / weights, atol=1e-5)   # float32 accumulation
     assert not np.allclose(ours.numpy(), uniform / counts, atol=1e-4)          # the check can tell them apart

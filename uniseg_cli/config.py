@@ -145,10 +145,9 @@ class UniSegConfig:
             raise ConfigError(f"mirror_axes must be distinct axes among 0, 1, 2 (z, y, x) in order, got {list(self.mirror_axes)}")
         validate_tasks(self.tasks)
         for task in self.tasks:
-            if task.num_classes > self.num_classes:
-                raise ConfigError(
-                    f"task {task.key!r} has {task.num_classes} classes but the network emits {self.num_classes}"
-                )
+            if task.label_manager.num_outputs > self.num_classes:
+                raise ConfigError(f"task {task.key!r} reads {task.label_manager.num_outputs} output channels but the "
+                                  f"network emits {self.num_classes}")
             if len(task.channels) not in self.input_channels:
                 raise ConfigError(
                     f"task {task.key!r} takes {len(task.channels)} channels; the network accepts {self.input_channels}"

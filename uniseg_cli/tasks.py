@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uniseg_cli.errors import ConfigError, UnknownNameError, UsageError
+
+if TYPE_CHECKING:
+    from uniseg_cli.labels import LabelManager
 
 #: The published pipeline clips CT to this window (HU) and scales it to [0, 1].
 CT_WINDOW: tuple[float, float] = (-325.0, 325.0)
@@ -79,18 +82,15 @@ class Task:
 
     @property
     def num_classes(self) -> int:
-        """Output channels the task's softmax uses, background included (a region task: regions + 1)."""
+        """Values of the task's label map, background included (classes 1…n and 0)."""
         return len(self.labels) + 1
 
     @property
-    def outputs(self) -> int:
-        """Network output channels the task reads: its classes with background, or one per region."""
-        return len(self.regions) if self.regions else self.num_classes
+    def label_manager(self) -> LabelManager:
+        """Output channels, nonlinearity, classes and regions of this task (``uniseg_cli.labels``)."""
+        from uniseg_cli.labels import LabelManager
 
-    @property
-    def region_names(self) -> tuple[str, ...]:
-        """Region ``i`` is named like the class it writes (``labels[region_order[i] - 1]``)."""
-        return tuple(self.labels[c - 1] for c in self.region_order)
+        return LabelManager(self)
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -174,7 +174,7 @@ def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequ
         log.info("task %s: %d case(s) from %s (%s), %d channel(s), labels %s, target spacing %s mm", task.key,
                  len(dataset.cases), dataset.root, dataset.format, len(task.channels),
                  ", ".join(f"{v}→{i + 1} {n}" for i, (n, v) in enumerate(dataset.labels))
-                 + ("; regions " + ", ".join(f"{n} {list(r)}" for n, r in zip(task.region_names, task.regions))
+                 + ("; regions " + ", ".join(f"{s.name} {list(s.values)}" for s in task.label_manager.regions)
                     if task.regions else ""),
                  "×".join(f"{s:g}" for s in task.target_spacing))
     plan = {

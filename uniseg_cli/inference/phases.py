@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from uniseg_cli.inference.cases import Case
+from uniseg_cli.labels import Structure, structure_index
 from uniseg_cli.tasks import LabelTerms, Task, label_terms
 
 if TYPE_CHECKING:
@@ -32,8 +33,9 @@ class Label:
 
     @property
     def terms(self) -> LabelTerms:
-        """Codes and display colour (the task registry's terminology)."""
-        return label_terms(self.name, self.value)
+        """Codes and display colour (the task registry's terminology), the structure's own: the same in
+        a merged map and in its task's split map."""
+        return label_terms(self.name, structure_index(self.task, self.name))
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Prediction:
     legend: list[Label]
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
     tasks: dict[str, np.ndarray] = field(default_factory=dict)
+    regions: list[Structure] = field(default_factory=list)  # region tasks' regions, in ``labels``' numbering
 
 
 @dataclass
@@ -60,6 +63,7 @@ class CaseResult:
     device: str = ""
     probabilities: str | None = None
     outputs: dict[str, str] | None = None
+    regions: list[dict[str, Any]] | None = None   # a region task's regions (unions of its classes)
     skipped: bool = False
     error: str | None = None
 
@@ -72,7 +76,7 @@ class CaseResult:
         """Only what happened: a failed or skipped case has no labels, time or device."""
         data = asdict(self)
         if self.error is not None or self.skipped:
-            data.update(labels=None, seconds=None, device=None)
+            data.update(labels=None, regions=None, seconds=None, device=None)
         return {k: v for k, v in data.items() if v is not None and not (k == "skipped" and not v)}
 
 
@@ -86,6 +90,7 @@ class NetworkInputs:
     legend: list[Label]
     offsets: dict[str, int]
     groups: list[tuple[list[Task], torch.Tensor, CropInfo]]
+    regions: list[Structure] = field(default_factory=list)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from uniseg_cli.inference.phases import CaseResult, Label, NetworkInputs, Predic
 from uniseg_cli.inference.runtime import resolve_precision
 from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
 from uniseg_cli.io.images import read_channels
+from uniseg_cli.labels import Structure
 from uniseg_cli.model.files import load_model
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.outputs.dicom import check_references
@@ -114,15 +115,21 @@ class Segmenter:
         task fits), the merged numbering of docs/pipeline.md §2 (each task's labels after all earlier tasks')."""
         if not merged:
             task = tasks[0]
-            return [Label(i + 1, name, task.key) for i, name in enumerate(task.labels)], {task.key: 0}
+            return [Label(s.values[0], s.name, task.key) for s in task.label_manager.classes], {task.key: 0}
         offsets, offset = {}, 0
         for task in self.tasks:
             offsets[task.key] = offset
             offset += len(task.labels)
         if offset > 255:
             raise UnisegError(f"the merged map would need {offset} labels; uint8 holds 255")
-        legend = [Label(offsets[t.key] + i + 1, name, t.key) for t in tasks for i, name in enumerate(t.labels)]
+        legend = [Label(offsets[t.key] + s.values[0], s.name, t.key) for t in tasks for s in t.label_manager.classes]
         return legend, {t.key: offsets[t.key] for t in tasks}
+
+    @staticmethod
+    def regions(tasks: Sequence[Task], offsets: dict[str, int]) -> list[Structure]:
+        """The regions of the region tasks among ``tasks``, their classes in the written map's numbering."""
+        return [replace(r, values=tuple(v + offsets[t.key] for v in r.values))
+                for t in tasks for r in t.label_manager.regions]
 
     # -------------------------------------------------------------------------------- inference
     def predict_array(self, data: np.ndarray, spacing: Sequence[float], task: str | Sequence[Task], *,
@@ -154,7 +161,8 @@ class Segmenter:
         legend, offsets = self.legend(tasks, merged=merged)
         groups = [(group, *self._preprocess(data, tuple(spacing), axis_world, group[0], source=source))
                   for group in _group_by_preprocessing(tasks)]
-        return NetworkInputs(key, tuple(data.shape[1:]), legend, offsets, groups)  # type: ignore[arg-type]
+        return NetworkInputs(key, tuple(data.shape[1:]), legend, offsets, groups,  # type: ignore[arg-type]
+                             regions=self.regions(tasks, offsets))
 
     def _preprocess(self, data: np.ndarray, spacing: tuple[float, ...], axis_world: Sequence[int], task: Task, *,
                     source: str) -> tuple[torch.Tensor, CropInfo]:
@@ -189,11 +197,11 @@ class Segmenter:
                 outputs = self._window(tensor, heads(group), on_progress)
                 for task_, probs in zip(group, outputs):
                     labels_t, p = labels_from_probabilities(probs, info, keep=probabilities, slab_bytes=slab_bytes,
-                                                            region_order=task_.region_order)
+                                                            region_order=task_.label_manager.region_order)
                     labels = uncrop(labels_t.cpu().numpy(), info)
                     if p is not None:
                         # outside the crop: background certain; no region there
-                        saved[task_.key] = uncrop(p, info, fill_first=None if task_.regions else 1)
+                        saved[task_.key] = uncrop(p, info, fill_first=None if task_.label_manager.has_regions else 1)
                     del probs, labels_t, p
                     if split:
                         per_task[task_.key] = labels
@@ -205,14 +213,14 @@ class Segmenter:
                     merged[hit] = labels[hit] + offset
                     owner[hit] = rank[task_.key]
         ordered = {key: per_task[key] for key in inputs.offsets if key in per_task}
-        return Prediction(merged, inputs.legend, saved, ordered)
+        return Prediction(merged, inputs.legend, saved, ordered, regions=inputs.regions)
 
     def _memory_budget(self, x: torch.Tensor, group: Sequence[Task], info: CropInfo, shape: Sequence[int]) -> int:
         """The export slab size under ``max_memory``, after refusing a case whose arrays cannot fit."""
         if self.max_memory is None:
             return EXPORT_SLAB_BYTES
         padded = int(np.prod([max(s, p) for s, p in zip(x.shape[1:], self.model.config.patch_size)]))
-        classes = sum(t.outputs for t in group)
+        classes = sum(t.label_manager.num_outputs for t in group)
         needed = (x.numel() * x.element_size()              # the network input
                   + (classes + 1) * padded * 4              # float32 accumulators and weights
                   + 2 * int(np.prod(shape)))                # the uint8 label map and the merged map

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from uniseg_cli.inference.runtime import precision_context, resolve_precision
+from uniseg_cli.labels import Head
 from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.tasks import Task
@@ -92,17 +93,17 @@ class WindowOptions:
     precision: str = "auto"
 
 
-def heads(tasks: Sequence[Task]) -> list[tuple[int, int, bool]]:
-    """What the window reads per task: (prompt index, output channels, sigmoid for a region task)."""
-    return [(t.id, t.outputs, bool(t.regions)) for t in tasks]
+def heads(tasks: Sequence[Task]) -> list[Head]:
+    """What the window reads per task, from each task's label manager."""
+    return [t.label_manager.head for t in tasks]
 
 
-def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int, ...]],
+def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
                    options: WindowOptions = WindowOptions(),
                    on_progress: Callable[[int, int], None] | None = None,
                    accumulate_on: torch.device | None = None) -> list[torch.Tensor]:
-    """Class probabilities of each ``(task index, classes[, sigmoid])`` for a pre-processed ``(c, z, y, x)``
-    tensor (``heads(tasks)`` gives them).
+    """Class probabilities of each ``Head`` (prompt index, output channels, sigmoid) for a pre-processed
+    ``(c, z, y, x)`` tensor (``heads(tasks)`` gives them).
 
     Returns one ``(classes, z, y, x)`` float32 tensor per task on ``accumulate_on`` (default: ``data``'s
     device, where the network runs): the softmax over all network outputs, averaged over mirrors,
@@ -117,7 +118,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[tuple[int,
     precision = resolve_precision(options.precision, device)
     results = accumulate_on or device
     gaussian = _gaussian_on(tuple(patch), torch.device(results))
-    sums = [torch.zeros((head[1], *padded.shape[1:]), dtype=torch.float32, device=results) for head in tasks]
+    sums = [torch.zeros((head.outputs, *padded.shape[1:]), dtype=torch.float32, device=results) for head in tasks]
     weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=results)
     corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
     mirrors = mirror_combinations(model.config.mirror_axes) if options.mirror else [()]
@@ -150,22 +151,22 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [()] + [m for r in range(1, len(dims) + 1) for m in itertools.combinations(dims, r)]
 
 
-def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[tuple[int, ...]],
+def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[Head],
                         mirrors: Sequence[tuple[int, ...]], mirror_done: Callable[[int], None]) -> list[torch.Tensor]:
     """Mirror-averaged softmax (sigmoid for region tasks) of each task for a batch of tiles;
     ``mirror_done(tiles)`` after each mirror.
 
     The encoder and the prompt fusion run once per mirror; only the decoder runs per task.
     """
-    results = [torch.zeros((x.shape[0], head[1], *x.shape[2:]), dtype=torch.float32, device=x.device)
+    results = [torch.zeros((x.shape[0], head.outputs, *x.shape[2:]), dtype=torch.float32, device=x.device)
                for head in tasks]
     for axes in mirrors:
         features = model.encode(torch.flip(x, axes) if axes else x)
         maps = model.task_maps(features[-1])
-        for result, (task, classes, *sigmoid) in zip(results, tasks):
-            logits = model.decode(features, task, maps).float()
-            probabilities = (torch.sigmoid(logits[:, :classes]) if sigmoid and sigmoid[0]
-                             else torch.softmax(logits, dim=1)[:, :classes])
+        for result, head in zip(results, tasks):
+            logits = model.decode(features, head.task_id, maps).float()
+            probabilities = (torch.sigmoid(logits[:, :head.outputs]) if head.sigmoid
+                             else torch.softmax(logits, dim=1)[:, :head.outputs])
             result += torch.flip(probabilities, axes) if axes else probabilities
         mirror_done(x.shape[0])
     if len(mirrors) > 1:

@@ -20,6 +20,7 @@ import numpy as np
 from uniseg_cli import __version__
 from uniseg_cli.errors import UnisegError
 from uniseg_cli.io.images import Geometry
+from uniseg_cli.outputs.formats import Segment
 from uniseg_cli.tasks import Code
 
 log = logging.getLogger(__name__)
@@ -80,26 +81,24 @@ def character_set(source: Any) -> str | list[str] | None:
 REFERENCED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 
 
-def _present(labels: np.ndarray, legend: Sequence[Any]) -> list[Any]:
-    """The labels with voxels (a SEG segment or an ROI without any would be an empty promise); all of
+def _present(labels: np.ndarray, segments: Sequence[Segment]) -> list[Segment]:
+    """The segments with voxels (a SEG segment or an ROI without any would be an empty promise); all of
     them when the map is empty, so that the object still says what was looked for."""
     counts = np.bincount(labels.ravel(), minlength=256)
-    present = [label for label in legend if counts[label.value] > 0]
-    return present or list(legend)
+    present = [s for s in segments if counts[list(s.values)].sum() > 0]
+    return present or list(segments)
 
 
-def write_dicom_seg(path: Path, labels: np.ndarray, legend: Sequence[Any], geometry: Geometry, *,
+def write_dicom_seg(path: Path, labels: np.ndarray, segments: Sequence[Segment], geometry: Geometry, *,
                     model: str, task: str) -> None:
-    """A binary DICOM Segmentation with one segment per label (segment numbers 1…N in legend order,
-    label name, SNOMED CT category/type, anatomic region for tumours, display colour)."""
+    """A binary DICOM Segmentation with one segment per structure (segment numbers 1…N in order, its
+    name, SNOMED CT category/type, anatomic region for tumours, display colour). A region task's regions
+    are segments that overlap (whole tumour holds the core), which a binary SEG allows."""
     hd = _need("highdicom", "dicom-seg")
     from pydicom.sr.codedict import codes
 
     sources = _sources(geometry)
-    segments = _present(labels, legend)
-    numbers = np.zeros(256, dtype=np.uint8)
-    for number, label in enumerate(segments, start=1):
-        numbers[label.value] = number
+    segments = _present(labels, segments)
     algorithm = hd.AlgorithmIdentificationSequence(name="UniSeg", family=codes.cid7162.ArtificialIntelligence,
                                                    version=__version__, source=model)
 
@@ -110,13 +109,19 @@ def write_dicom_seg(path: Path, labels: np.ndarray, legend: Sequence[Any], geome
     for number, label in enumerate(segments, start=1):
         terms = label.terms
         descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label.name,
+            segment_number=number, segment_label=label.name[:64],
             segmented_property_category=coded(terms.category), segmented_property_type=coded(terms.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
             tracking_uid=hd.UID(), tracking_id=f"{label.task}/{label.name}",
             anatomic_regions=[coded(terms.region)] if terms.region is not None else None,
             display_color=hd.color.CIELabColor.from_rgb(*terms.colour)))
-    frames = numbers[labels]
+    if all(len(s.values) == 1 for s in segments):   # disjoint: one frame stack of segment numbers
+        numbers = np.zeros(256, dtype=np.uint8)
+        for number, segment in enumerate(segments, start=1):
+            numbers[segment.values[0]] = number
+        frames = numbers[labels]
+    else:                                            # overlapping: one binary stack per segment
+        frames = np.stack([s.mask(labels) for s in segments], axis=-1)
     empty = not frames.any()
     with warnings.catch_warnings(record=True) as caught:  # about the source's own attributes (a one-part
         warnings.simplefilter("always")                     # patient name, say): nothing a user can act on
@@ -138,9 +143,10 @@ def _segmentation(hd: Any, sources: list[Any], frames: np.ndarray, descriptions:
         specific_character_set=character_set(sources[0]))
 
 
-def write_rtstruct(path: Path, labels: np.ndarray, legend: Sequence[Any], geometry: Geometry, *,
+def write_rtstruct(path: Path, labels: np.ndarray, segments: Sequence[Segment], geometry: Geometry, *,
                    model: str, task: str) -> None:
-    """An RT Structure Set with one ROI per label (name, colour), contoured slice by slice."""
+    """An RT Structure Set with one ROI per structure (name, colour; a region task's regions, which
+    overlap), contoured slice by slice."""
     rt_utils = _need("rt_utils", "rtstruct")
     from rt_utils import ds_helper, image_helper
 
@@ -149,8 +155,8 @@ def write_rtstruct(path: Path, labels: np.ndarray, legend: Sequence[Any], geomet
     # from the first one; it is given the slices the label map was stacked from instead, and each
     # contour is then moved onto its own slice's position (below), as the SEG's frames are.
     structure = rt_utils.RTStruct(sources, ds_helper.create_rtstruct_dataset(sources))
-    for label in _present(labels, legend):
-        mask = np.ascontiguousarray((labels == label.value).transpose(1, 2, 0))   # (rows, columns, slices)
+    for label in _present(labels, segments):
+        mask = np.ascontiguousarray(label.mask(labels).transpose(1, 2, 0))   # (rows, columns, slices)
         structure.add_roi(mask=mask, color=list(label.terms.colour), name=label.name,
                           description=f"UniSeg {task} ({model})"[:64], roi_generation_algorithm="AUTOMATIC")
     _onto_own_slices(structure.ds, sources, image_helper)

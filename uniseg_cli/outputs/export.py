@@ -9,6 +9,7 @@ or, if any writer or move fails, none does and earlier outputs stay as they were
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ import numpy as np
 from uniseg_cli.inference.phases import CaseResult, Label, Prediction, PreparedCase
 from uniseg_cli.io.atomic import AtomicFiles, atomic_files, make_folder
 from uniseg_cli.io.images import Geometry, write_array
+from uniseg_cli.labels import Structure
 from uniseg_cli.outputs.formats import FORMATS, OUTPUT_MARK, MapToWrite, OutputOptions
 from uniseg_cli.outputs.plan import CasePlan, MapPlan
 from uniseg_cli.outputs.record import RECORD_VERSION, dumps, file_entry
 from uniseg_cli.outputs.sidecar import label_table, write_sidecar
-from uniseg_cli.outputs.statistics import label_intensities
+from uniseg_cli.outputs.statistics import label_intensities, mask_intensities
 
 
 def export_case(prepared: PreparedCase, prediction: Prediction, *, model: str, device: str,
@@ -33,11 +35,12 @@ def export_case(prepared: PreparedCase, prediction: Prediction, *, model: str, d
     roles = {f.path: f.role for f in plan.files}
     written: dict[str, str] = {}
     labels: list[dict[str, Any]] = []
+    regions: list[dict[str, Any]] = []
     with atomic_files() as files:
         maps = _maps(plan, prediction)
-        for map_plan, label_map, legend in maps:
+        for map_plan, label_map, legend, map_regions in maps:
             key = map_plan.task or prepared.key
-            item = MapToWrite(label_map, legend, geometry, model, key)
+            item = MapToWrite(label_map, legend, geometry, model, key, map_regions)
             prefix = f"{map_plan.task}:" if map_plan.task else ""
             for fmt, path in map_plan.files.items():
                 writer = FORMATS[fmt]
@@ -45,10 +48,12 @@ def export_case(prepared: PreparedCase, prediction: Prediction, *, model: str, d
                 written[prefix + fmt] = str(path)
             if map_plan.label_table is not None:
                 write_sidecar(files.add(map_plan.label_table, suffix=".json"), legend,
-                              label_map=map_plan.files["nifti"], model=model, task=key)
+                              label_map=map_plan.files["nifti"], model=model, task=key, regions=map_regions)
                 written[prefix + "sidecar"] = str(map_plan.label_table)
             labels += _label_records(label_map, legend, geometry, prepared.intensity, options,
                                      map_plan.primary if map_plan.task else None)
+            regions += _region_records(label_map, map_regions, geometry, prepared.intensity, options,
+                                       map_plan.primary if map_plan.task else None)
         if plan.preview is not None:
             from uniseg_cli.outputs.preview import write_preview
 
@@ -66,37 +71,40 @@ def export_case(prepared: PreparedCase, prediction: Prediction, *, model: str, d
         result = CaseResult.of(case, prepared.key, output=str(primary), labels=labels,
                                seconds=round(time.perf_counter() - prepared.started, 3), device=device,
                                probabilities=str(plan.probabilities) if plan.probabilities else None,
-                               outputs=extra or None)
+                               outputs=extra or None, regions=regions or None)
         if plan.record is not None:
-            _write_record(files, plan, roles, prediction_legend=maps[0][2], model=model,
+            _write_record(files, plan, roles, prediction_legend=maps[0][2], regions=maps[0][3], model=model,
                           result=result)
     return result
 
 
 def _write_record(files: AtomicFiles, plan: CasePlan, roles: dict[Path, str], *, prediction_legend: list[Label],
-                  model: str, result: CaseResult) -> None:
+                  regions: list[Structure], model: str, result: CaseResult) -> None:
     """The case record (``uniseg_cli.outputs.record``), from the temporary files about to be published."""
     record = plan.record
     assert record is not None
     listed = dict(file_entry(roles.get(dest, "file"), dest, tmp, record) for tmp, dest in files.pending)
     first = plan.maps[0]
     table = label_table(prediction_legend, label_map=first.files.get("nifti", first.primary).name, model=model,
-                        task=first.task or plan.key)
+                        task=first.task or plan.key, regions=regions)
     table.update(version=RECORD_VERSION, case=plan.case.name, inputs=[str(p) for p in plan.case.channels],
                  files=listed, result=result.to_json())
     files.add(record, suffix=".json").write_text(dumps(table, indent=2) + "\n", encoding="utf-8")
 
 
-def _maps(plan: CasePlan, prediction: Prediction) -> list[tuple[MapPlan, np.ndarray, list[Label]]]:
-    """(plan, label map, legend) of each map: the merged one, or with ``--split`` each task's in its own
-    numbering 1…n."""
+def _maps(plan: CasePlan, prediction: Prediction) -> list[tuple[MapPlan, np.ndarray, list[Label], list[Structure]]]:
+    """(plan, label map, legend, regions) of each map: the merged one, or with ``--split`` each task's in
+    its own numbering 1…n."""
     if plan.maps[0].task is None:
-        return [(plan.maps[0], prediction.labels, prediction.legend)]
+        return [(plan.maps[0], prediction.labels, prediction.legend, prediction.regions)]
     maps = []
     for map_plan in plan.maps:
-        legend = [Label(i + 1, label.name, map_plan.task) for i, label in
-                  enumerate(label for label in prediction.legend if label.task == map_plan.task)]
-        maps.append((map_plan, prediction.tasks[map_plan.task], legend))  # type: ignore[index]
+        own = [label for label in prediction.legend if label.task == map_plan.task]
+        renumber = {label.value: i for i, label in enumerate(own, start=1)}
+        legend = [Label(renumber[label.value], label.name, label.task) for label in own]
+        regions = [replace(r, values=tuple(renumber[v] for v in r.values)) for r in prediction.regions
+                   if r.task == map_plan.task]
+        maps.append((map_plan, prediction.tasks[map_plan.task], legend, regions))  # type: ignore[index]
     return maps
 
 
@@ -121,6 +129,27 @@ def _label_records(label_map: np.ndarray, legend: list[Label], geometry: Geometr
     if path is not None:
         for record in records:
             record["output"] = str(path)
+    return records
+
+
+def _region_records(label_map: np.ndarray, regions: list[Structure], geometry: Geometry,
+                    intensity: np.ndarray | None, options: OutputOptions, path: Path | None) -> list[dict[str, Any]]:
+    """A region task's regions, each the union of its classes (whole tumour = every class it holds):
+    voxels, volume and, with ``--statistics``, the intensities inside."""
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    counts = np.bincount(label_map.ravel(), minlength=256)
+    records = []
+    for region in regions:
+        voxels = int(counts[list(region.values)].sum())
+        record: dict[str, Any] = {"name": region.name, "task": region.task, "values": list(region.values),
+                                  "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)}
+        if options.statistics and intensity is not None:
+            record["statistics"] = mask_intensities(intensity, np.isin(label_map, region.values), geometry)
+            if record["statistics"] is None:
+                record["statistics_reason"] = "the region is empty"
+        if path is not None:
+            record["output"] = str(path)
+        records.append(record)
     return records
 
 

@@ -19,6 +19,22 @@ from uniseg_cli.io.images import IMAGE_ENDINGS, image_ending
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One structure a segmentation object carries: a class of a softmax task (one value of the map) or
+    a region of a region task (the values of its classes; regions overlap)."""
+
+    name: str
+    task: str
+    values: tuple[int, ...]
+    terms: Any             # uniseg_cli.tasks.LabelTerms
+
+    def mask(self, labels: Any) -> Any:
+        import numpy as np
+
+        return labels == self.values[0] if len(self.values) == 1 else np.isin(labels, self.values)
+
+
+@dataclass(frozen=True)
 class MapToWrite:
     """One label map as a writer gets it: the voxels on the input's grid, what each value means, and
     who made it (DICOM writers record the model and task)."""
@@ -28,6 +44,16 @@ class MapToWrite:
     geometry: Any          # uniseg_cli.io.images.Geometry
     model: str
     task: str
+    regions: Sequence[Any] = ()   # uniseg_cli.labels.Structure of region tasks, in this map's numbering
+
+    @property
+    def segments(self) -> list[Segment]:
+        """What DICOM SEG, RTSTRUCT and seg.nrrd carry: each class of the softmax tasks, and for a region
+        task its regions (whole tumour = every class it holds), not its disjoint classes."""
+        region_tasks = {r.task for r in self.regions}
+        return ([Segment(label.name, label.task, (label.value,), label.terms) for label in self.legend
+                 if label.task not in region_tasks]
+                + [Segment(r.name, r.task, tuple(r.values), r.terms) for r in self.regions])
 
 
 def _write_nifti(tmp: Path, item: MapToWrite) -> None:
@@ -39,19 +65,19 @@ def _write_nifti(tmp: Path, item: MapToWrite) -> None:
 def _write_seg_nrrd(tmp: Path, item: MapToWrite) -> None:
     from uniseg_cli.outputs.slicer import write_seg_nrrd
 
-    write_seg_nrrd(tmp, item.labels, item.legend, item.geometry)
+    write_seg_nrrd(tmp, item.labels, item.legend, item.geometry, segments=item.segments if item.regions else None)
 
 
 def _write_dicom_seg(tmp: Path, item: MapToWrite) -> None:
     from uniseg_cli.outputs.dicom import write_dicom_seg
 
-    write_dicom_seg(tmp, item.labels, item.legend, item.geometry, model=item.model, task=item.task)
+    write_dicom_seg(tmp, item.labels, item.segments, item.geometry, model=item.model, task=item.task)
 
 
 def _write_rtstruct(tmp: Path, item: MapToWrite) -> None:
     from uniseg_cli.outputs.dicom import write_rtstruct
 
-    write_rtstruct(tmp, item.labels, item.legend, item.geometry, model=item.model, task=item.task)
+    write_rtstruct(tmp, item.labels, item.segments, item.geometry, model=item.model, task=item.task)
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,25 @@ SIDECAR_FORMAT = "uniseg-label-table"
 SIDECAR_VERSION = 2
 
 
-def label_table(legend: Sequence[Any], *, label_map: str, model: str, task: str) -> dict[str, Any]:
-    labels = []
-    for label in legend:
-        terms = label.terms
-        labels.append({"value": label.value, "name": label.name, "task": label.task, "colour": list(terms.colour),
-                       "category": asdict(terms.category), "type": asdict(terms.type),
-                       **({"region": asdict(terms.region)} if terms.region is not None else {})})
-    return {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "label_map": label_map, "model": model,
-            "task": task, "background": 0, "labels": labels}
+def label_table(legend: Sequence[Any], *, label_map: str, model: str, task: str,
+                regions: Sequence[Any] = ()) -> dict[str, Any]:
+    """The table: each value of the map (``labels``) and, for region tasks, each region with the values
+    it unites (``regions``: whole tumour = edema + core + enhancing), with names, colours and codes."""
+    table = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "label_map": label_map, "model": model,
+             "task": task, "background": 0, "labels": [_entry(label, value=label.value) for label in legend]}
+    if regions:
+        table["regions"] = [_entry(region, values=list(region.values)) for region in regions]
+    return table
 
 
-def write_sidecar(path: Path, legend: Sequence[Any], *, label_map: Path, model: str, task: str) -> None:
-    table = label_table(legend, label_map=label_map.name, model=model, task=task)
+def _entry(structure: Any, **where: Any) -> dict[str, Any]:
+    terms = structure.terms
+    return {**where, "name": structure.name, "task": structure.task, "colour": list(terms.colour),
+            "category": asdict(terms.category), "type": asdict(terms.type),
+            **({"region": asdict(terms.region)} if terms.region is not None else {})}
+
+
+def write_sidecar(path: Path, legend: Sequence[Any], *, label_map: Path, model: str, task: str,
+                  regions: Sequence[Any] = ()) -> None:
+    table = label_table(legend, label_map=label_map.name, model=model, task=task, regions=regions)
     path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")

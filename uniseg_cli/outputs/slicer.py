@@ -31,24 +31,33 @@ def _triple(code: Code) -> list[str]:
     return [code.scheme, code.value, code.meaning]
 
 
-def write_seg_nrrd(path: Path, labels: np.ndarray, legend: Sequence[Any], geometry: Geometry) -> None:
-    """Every label of the legend as a segment (label value, name, colour 0–1, terminology entry)."""
+def write_seg_nrrd(path: Path, labels: np.ndarray, legend: Sequence[Any], geometry: Geometry, *,
+                   segments: Sequence[Any] | None = None) -> None:
+    """Every label of the legend as a segment (label value, name, colour 0–1, terminology entry). With
+    ``segments`` (a region task's overlapping regions), each is a segment in the first of Slicer's
+    layers where it overlaps no other, as Slicer stores overlapping segments."""
     import slicerio
 
-    segments = []
-    for label in legend:
-        terms = label.terms
-        terminology = {"contextName": _CONTEXT, "category": _triple(terms.category), "type": _triple(terms.type)}
-        if terms.region is not None:
-            terminology.update(anatomicContextName=_ANATOMIC_CONTEXT, anatomicRegion=_triple(terms.region))
-        segments.append({"id": f"Segment_{label.value}", "labelValue": int(label.value), "layer": 0,
-                         "name": label.name, "color": [round(c / 255, 6) for c in terms.colour],
-                         "terminology": terminology})
+    voxels = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (z, y, x) → slicerio's (i, j, k)
+    if segments is None:
+        entries = [_segment(label.name, label.terms, id=f"Segment_{label.value}", labelValue=int(label.value), layer=0)
+                   for label in legend]
+        segmentation = {"voxels": voxels, "ijkToLPS": ijk_to_lps(geometry), "segments": entries}
+    else:
+        segmentation = slicerio.create_segmentation(voxels.shape, ijk_to_lps(geometry))
+        for number, segment in enumerate(segments, start=1):
+            slicerio.add_segment(segmentation, segment.mask(voxels),
+                                 _segment(segment.name, segment.terms, id=f"Segment_{number}"))
     slicerio.write_segmentation(str(path), {
-        "voxels": np.ascontiguousarray(labels.transpose(2, 1, 0)),  # (z, y, x) → slicerio's (i, j, k)
-        "ijkToLPS": ijk_to_lps(geometry),
+        **segmentation,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
         "encoding": "gzip",
-        "segments": segments,
     })
+
+
+def _segment(name: str, terms: Any, **fields: Any) -> dict[str, Any]:
+    terminology = {"contextName": _CONTEXT, "category": _triple(terms.category), "type": _triple(terms.type)}
+    if terms.region is not None:
+        terminology.update(anatomicContextName=_ANATOMIC_CONTEXT, anatomicRegion=_triple(terms.region))
+    return {**fields, "name": name, "color": [round(c / 255, 6) for c in terms.colour], "terminology": terminology}

@@ -35,25 +35,25 @@ def voxel_to_lps(geometry: Geometry, indices_zyx: np.ndarray) -> np.ndarray:
 def label_intensities(intensity: np.ndarray, labels: np.ndarray, geometry: Geometry,
                       values: Sequence[int]) -> dict[int, dict[str, Any] | None]:
     """value → statistics of ``intensity`` (z, y, x) inside ``labels == value`` (None for an empty label)."""
-    result: dict[int, dict[str, Any] | None] = {}
-    for value in values:
-        mask = labels == value
-        if not mask.any():
-            result[value] = None
-            continue
-        inside = intensity[mask].astype(np.float64)
-        p5, median, p95 = np.percentile(inside, [5, 50, 95])
-        low = np.array([np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[[0, -1]]
-                        for axis in range(3)])                      # (axis, [first, last])
-        corners = np.array(np.meshgrid(*low, indexing="ij")).reshape(3, -1).T
-        lps = voxel_to_lps(geometry, corners)
-        result[value] = {
-            "mean": float(inside.mean()), "std": float(inside.std()), "median": float(median),
-            "min": float(inside.min()), "max": float(inside.max()), "p5": float(p5), "p95": float(p95),
-            "bbox_mm": {"min": [round(float(v), 3) for v in lps.min(axis=0)],
-                        "max": [round(float(v), 3) for v in lps.max(axis=0)]},
-        }
-    return result
+    return {value: mask_intensities(intensity, labels == value, geometry) for value in values}
+
+
+def mask_intensities(intensity: np.ndarray, mask: np.ndarray, geometry: Geometry) -> dict[str, Any] | None:
+    """The statistics of ``intensity`` inside a boolean ``mask`` (a label, or a region's classes); None if empty."""
+    if not mask.any():
+        return None
+    inside = intensity[mask].astype(np.float64)
+    p5, median, p95 = np.percentile(inside, [5, 50, 95])
+    low = np.array([np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[[0, -1]]
+                    for axis in range(3)])                      # (axis, [first, last])
+    corners = np.array(np.meshgrid(*low, indexing="ij")).reshape(3, -1).T
+    lps = voxel_to_lps(geometry, corners)
+    return {
+        "mean": float(inside.mean()), "std": float(inside.std()), "median": float(median),
+        "min": float(inside.min()), "max": float(inside.max()), "p5": float(p5), "p95": float(p95),
+        "bbox_mm": {"min": [round(float(v), 3) for v in lps.min(axis=0)],
+                    "max": [round(float(v), 3) for v in lps.max(axis=0)]},
+    }
 
 
 CSV_COLUMNS = ("case", "task", "value", "name", "voxels", "volume_ml", *STATISTICS,
@@ -66,10 +66,13 @@ def statistics_csv(records: Iterable[dict[str, Any]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for record in records:
-        for label in record.get("labels") or []:
+        # a region's row has the values it unites as its value ("1+2+3": whole tumour)
+        rows = [(label, label["value"]) for label in record.get("labels") or []]
+        rows += [(region, "+".join(map(str, region["values"]))) for region in record.get("regions") or []]
+        for label, value in rows:
             stats = label.get("statistics") or {}
             box = stats.get("bbox_mm") or {"min": [""] * 3, "max": [""] * 3}
-            writer.writerow([record["case"], label["task"], label["value"], label["name"], label["voxels"],
+            writer.writerow([record["case"], label["task"], value, label["name"], label["voxels"],
                              label["volume_ml"], *(stats.get(s, "") for s in STATISTICS), *box["min"], *box["max"]])
     return buffer.getvalue()
 

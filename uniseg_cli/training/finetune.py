@@ -88,7 +88,7 @@ def downstream_model(pretrained: UniSeg, task: Task, *, seed: int = 0) -> Surger
     count = len(task.channels)
     _input_channels(pretrained, count, notes)
     config = pretrained.config.with_changes(tasks=(replace(task, id=0),), prompted=False, fusion_width=None,
-                                            num_classes=task.num_classes, input_channels=(count,))
+                                            num_classes=task.label_manager.num_outputs, input_channels=(count,))
     model = _fresh(config, seed)
     old = pretrained.state_dict()
     new = model.state_dict()
@@ -105,7 +105,7 @@ def downstream_model(pretrained: UniSeg, task: Task, *, seed: int = 0) -> Surger
             copied += 1
     dropped = [n for n in old if n.startswith(("intermedia_prompt", "fusion_layer."))]
     notes.append(f"downstream: {copied} pretrained tensors kept, {len(dropped)} of the prompt and fusion layer "
-                 f"dropped, tu.0 without its prompt channel, new heads for {task.num_classes} classes")
+                 f"dropped, tu.0 without its prompt channel, new heads for {task.label_manager.num_outputs} outputs")
     return Surgery(model, Trainable(), notes)
 
 
@@ -123,7 +123,7 @@ def new_task_model(pretrained: UniSeg, task: Task, *, freeze_upstream: bool, see
     classes_before = old_config.num_classes
     config = old_config.with_changes(
         tasks=old_config.tasks + (replace(task, id=tasks_before),),
-        num_classes=max(classes_before, task.num_classes),
+        num_classes=max(classes_before, task.label_manager.num_outputs),
         input_channels=tuple(sorted({*old_config.input_channels, count})),
         fusion_width=old_config.fusion_features,
     )
@@ -244,7 +244,7 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
         task = data.task  # a region task is scored per region, as nnU-Net and BraTS score it
         cases.append(score_arrays(name, str(written), props["label"], prediction.labels, reference,
                                   geometry.spacing, list(range(1, task.num_classes)), tolerance,
-                                  regions=list(zip(task.region_names, task.regions))))
+                                  regions=[(s.name, s.values) for s in task.label_manager.regions]))
         log.info("held-out %s: Dice %s", name, ", ".join(f"{s.label}: {s.dice:.3f}" for s in cases[-1].labels))
     result = report(cases, tolerance)
     result["labels"] = {str(i): label for i, label in enumerate(data.task.labels, start=1)}

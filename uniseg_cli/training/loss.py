@@ -74,9 +74,10 @@ def _region_dice_bce(logits: torch.Tensor, target: torch.Tensor,
 
 def task_loss(logits: torch.Tensor, target: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of one output of ``task`` (regions or softmax classes) and its soft Dice per class."""
-    if task.regions:
-        return _region_dice_bce(logits, target, task.regions)
-    return _dice_ce(logits, target, task.num_classes)
+    manager = task.label_manager
+    if manager.has_regions:
+        return _region_dice_bce(logits, target, [s.values for s in manager.regions])
+    return _dice_ce(logits, target, manager.num_outputs)
 
 
 def deep_supervision_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,

@@ -104,7 +104,7 @@ def training_config(tasks: Sequence[TaskData], preset: str = "published", *, pat
     base = UniSegConfig() if preset == "published" else small_config()
     changes: dict[str, Any] = {
         "tasks": tuple(t.task for t in tasks),
-        "num_classes": max(t.task.num_classes for t in tasks),
+        "num_classes": max(t.task.label_manager.num_outputs for t in tasks),
         "input_channels": tuple(sorted({len(t.task.channels) for t in tasks})),
         "source": "trained with `uniseg train` on " + "; ".join(f"{t.task.key}: {t.dataset} ({len(t.cases)} cases)"
                                                           for t in tasks),
@@ -465,7 +465,7 @@ def _train_dice(tasks: Sequence[TaskData], class_dice: dict[int, list[torch.Tens
     result = {}
     for index, values in sorted(class_dice.items()):
         task = tasks[index].task
-        names = task.region_names if task.regions else task.labels
+        names = [s.name for s in task.label_manager.scored]
         means = torch.stack(values).float().mean(0).cpu().tolist()
         result[task.key] = {name: round(v, 4) for name, v in zip(names, means)}
     return result
@@ -546,19 +546,18 @@ def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Se
         result = {}
         for data, names in zip(tasks, cases):
             task = data.task
-            names_scored = task.region_names if task.regions else task.labels
+            manager = task.label_manager
+            names_scored = [s.name for s in manager.scored]
             tp, fp, fn = (np.zeros(len(names_scored)) for _ in range(3))
             for name in names:
                 image = torch.from_numpy(np.array(data.image(name))).to(device)
                 probabilities = sliding_window(model, image, heads([task]), window)[0]
                 reference = np.asarray(data.labels(name))
-                if task.regions:
-                    predicted_masks = (probabilities > 0.5).cpu().numpy()
-                    reference_masks = [np.isin(reference, r) for r in task.regions]
+                if manager.has_regions:  # each region's own sigmoid, as nnU-Net validates regions
+                    predicted_masks = list((probabilities > 0.5).cpu().numpy())
                 else:
-                    predicted = probabilities.argmax(0).cpu().numpy()
-                    predicted_masks = [predicted == c for c in range(1, task.num_classes)]
-                    reference_masks = [reference == c for c in range(1, task.num_classes)]
+                    predicted_masks = manager.masks(probabilities.argmax(0).cpu().numpy())
+                reference_masks = manager.masks(reference)
                 for i, (p, r) in enumerate(zip(predicted_masks, reference_masks)):
                     tp[i] += np.count_nonzero(p & r)
                     fp[i] += np.count_nonzero(p & ~r)
