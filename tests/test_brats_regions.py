@@ -71,3 +71,31 @@ def test_a_tiny_brats_finetune_scores_every_region(run_cli, small_model_dir, bra
     assert [c["case"] for c in evaluation["cases"]] == ["brats_2013_pat0003_1", "brats_2013_pat0004_1"]
     config = json.loads((out / "config.json").read_text())["tasks"][0]
     assert config["regions"] == [[1, 2, 3], [2, 3], [3]] and config["region_order"] == [1, 2, 3]
+    # the regions' outputs say what they hold: the JSON record, the label table and Slicer's file
+    images = brats_regions / "imagesTr"
+    case = "brats_2013_pat0003_1"
+    channels = ",".join(str(images / f"{case}_{c:04d}.nii.gz") for c in range(2))
+    pred = tmp_path / "pred"
+    code, stdout, err = run_cli("predict", channels, "-t", config["key"], "-m", out, "-o", pred, "--no-tta",
+                                "-f", "nifti,seg-nrrd", "--json", "-q")
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert [r["name"] for r in record["labels"]] == ["whole tumour without tumour core",
+                                                     "tumour core without enhancing tumour", "enhancing tumour"]
+    regions = {r["name"]: r for r in record["regions"]}
+    assert list(regions) == ["whole tumour", "tumour core", "enhancing tumour"]
+    labels = _array(Path(record["output"]))
+    assert regions["whole tumour"]["voxels"] == int((labels > 0).sum()) > 0
+    code, scored, err = run_cli("evaluate", record["output"], brats_regions / "labelsTr" / f"{case}.nii.gz",
+                                "--regions", "whole=1,2,3;core=2,3;enhancing=3", "--json")
+    assert code == 0, err
+    counted = json.loads(scored)["cases"][0]["labels"]
+    assert [counted[n]["predicted_voxels"] for n in ("whole", "core", "enhancing")] == [
+        regions[n]["voxels"] for n in ("whole tumour", "tumour core", "enhancing tumour")]
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(record["outputs"]["seg-nrrd"])
+    assert [s["name"] for s in segmentation["segments"]] == list(regions)
+    for name, values in (("whole tumour", (1, 2, 3)), ("tumour core", (2, 3)), ("enhancing tumour", (3,))):
+        mask = slicerio.segment_mask(segmentation, name).transpose(2, 1, 0)
+        assert np.array_equal(mask, np.isin(labels, values)) and int(mask.sum()) == regions[name]["voxels"]

@@ -175,7 +175,7 @@ def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequ
                  len(dataset.cases), dataset.root, dataset.format, len(task.channels),
                  ", ".join(f"{v}→{i + 1} {n}" for i, (n, v) in enumerate(dataset.labels))
                  + ("; regions " + ", ".join(f"{s.name} {list(s.values)}" for s in task.label_manager.regions)
-                    if task.regions else ""),
+                    if task.label_manager.has_regions else ""),
                  "×".join(f"{s:g}" for s in task.target_spacing))
     plan = {
         "format": PLAN_FORMAT, "format_version": PLAN_VERSION,
