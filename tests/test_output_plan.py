@@ -187,3 +187,22 @@ def test_dumps_writes_null_for_what_json_cannot_hold():
 
     assert _strict_json(dumps({"mean": float("inf"), "std": [float("nan"), 1.5]})) == {"mean": None,
                                                                                        "std": [None, 1.5]}
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_every_label_map_format_carries_the_mark_that_it_is_an_output(tmp_path, ending):
+    """A label map of a DICOM input goes through ITK, whose NIfTI writer drops metadata: the mark is
+    written into the header's descrip itself; the geometry stays exact."""
+    import SimpleITK as sitk
+    from conftest import DICOM
+
+    from uniseg_cli.io.images import image_description, read_image, write_image_file
+
+    data, geometry = read_image(DICOM)
+    path = tmp_path / f"map{ending}"
+    write_image_file(path, (data[0] > 0).astype(np.uint8), geometry, description="uniseg output")
+    assert image_description(path) == "uniseg output"
+    image = sitk.ReadImage(str(path))
+    assert image.GetOrigin() == pytest.approx(geometry.origin) and image.GetSpacing() == pytest.approx(
+        geometry.spacing[::-1])
+    assert np.array_equal(sitk.GetArrayFromImage(image), (data[0] > 0).astype(np.uint8))

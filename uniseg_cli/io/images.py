@@ -564,3 +564,15 @@ def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry, description: 
     if description is not None:
         image.SetMetaData(DESCRIPTION_KEY, description)
     sitk.WriteImage(image, str(path), useCompression=True)
+    if description is not None and image_ending(path) in NIFTI_ENDINGS:
+        _set_nifti_descrip(path, description)   # ITK's NIfTI writer drops the metadata
+
+
+def _set_nifti_descrip(path: Path, description: str) -> None:
+    """Write ``description`` into a NIfTI-1 file's ``descrip`` field (80 bytes at offset 148), nothing else."""
+    import gzip
+
+    packed = path.name.lower().endswith(".gz")
+    data = bytearray(gzip.decompress(path.read_bytes()) if packed else path.read_bytes())
+    data[148:228] = description.encode("latin-1")[:79].ljust(80, b"\0")
+    path.write_bytes(gzip.compress(bytes(data), compresslevel=6, mtime=0) if packed else bytes(data))
