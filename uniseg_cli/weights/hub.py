@@ -156,7 +156,11 @@ class ResolvedModel:
 
 
 def registry_folder() -> Path:
-    """The shipped model data: the top-level ``weights/`` folder, installed as ``uniseg_cli.weights_data``."""
+    """The shipped model data: the top-level ``weights/`` folder, installed as ``uniseg_cli.weights_data``;
+    running from a checkout (``python -m pytest`` imports the checkout's ``uniseg_cli``), the folder itself."""
+    checkout = Path(__file__).resolve().parents[2] / "weights"
+    if (checkout / "registry.json").is_file() and (checkout / "__init__.py").is_file():
+        return checkout
     return Path(str(resources.files("uniseg_cli.weights_data")))
 
 
