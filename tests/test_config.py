@@ -41,7 +41,7 @@ def _edited(**arch):
     (_edited(conv_kernels=[[3, 3, 3]] * 5), "conv_kernels: expected 6 .one per stage., got 5"),
     (_edited(base_features="32"), "base_features must be int"),
     (_edited(input_channels=[1, 1]), "input_channels must be distinct"),
-    (_edited(num_classes=3), "has 4 classes but the network emits 3"),
+    (_edited(num_classes=3), "reads 4 output channels but the network emits 3"),
     (_edited(dropout=0.1), "unknown key.s. dropout"),
     ({**UniSegConfig().to_dict(), "format_version": 9}, "format_version 9 is not supported"),
     ({**UniSegConfig().to_dict(), "tasks": []}, "at least one task"),

@@ -118,7 +118,7 @@ def test_out_of_accelerator_memory_falls_back_to_cpu_accumulation_only(coarse_mo
         calls.append(accumulate_on)
         if accumulate_on is None:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return [torch.zeros((head[1], *tensor.shape[1:]), device=accumulate_on) for head in tasks]
+        return [torch.zeros((head.outputs, *tensor.shape[1:]), device=accumulate_on) for head in tasks]
 
     monkeypatch.setattr(predictor, "sliding_window", accelerator_without_room)
     # As if the network ran on an accelerator: "meta" stands in for it (tensors go there without memory).

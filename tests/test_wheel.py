@@ -33,9 +33,11 @@ def installed(tmp_path_factory):
     python = work / "venv" / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
+    # installed before the dependencies become visible: pip would otherwise find this interpreter's own
+    # uniseg-cli through them and install nothing
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    "--ignore-installed", str(wheel)], check=True, capture_output=True, timeout=600)
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
-                   check=True, capture_output=True, timeout=600)
     return python, wheel
 
 
