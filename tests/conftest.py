@@ -11,6 +11,18 @@ CT = DATA / "example_ct.nii.gz"
 DICOM = DATA / "example_ct_dicom"  # a different CT (20 axial slices, 2 mm apart) as a DICOM series
 
 
+def write_pet_like(path: Path) -> Path:
+    """A PET-like second channel on the CT's grid (non-negative, uptake in soft tissue): what a CT+PET
+    case's PET file holds as far as the input checks can tell, made from the real CT."""
+    import nibabel as nib
+    import numpy as np
+
+    ct = nib.load(CT)
+    values = np.asarray(ct.dataobj, dtype=np.float32)
+    nib.Nifti1Image(np.clip(values + 100, 0, 400) / 80, ct.affine).to_filename(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def user_home(tmp_path_factory, monkeypatch) -> Path:
     """Every test gets its own empty model store and settings, never the developer's own."""

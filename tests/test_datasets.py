@@ -86,12 +86,13 @@ def test_label_round_trip_through_registry_spacing(ct_volume):
 def test_msd_format_with_4d_images(run_cli, tmp_path):
     """The Decathlon layout: training list, 4-D images whose last axis holds the channels."""
     ct = nib.load(CT)
-    image = np.asarray(ct.dataobj)[:, :, 40:80].astype(np.float32)
-    seg = np.asarray(nib.load(DATA / "example_seg_fast_force_split.nii.gz").dataobj)[:, :, 40:80]
+    image = np.asarray(ct.dataobj)[:, :, 70:110].astype(np.float32)   # through the spleen (slices 82-111)
+    seg = np.asarray(nib.load(DATA / "example_seg_fast_force_split.nii.gz").dataobj)[:, :, 70:110]
     root = tmp_path / "Task99_SpleenPair"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    nib.save(nib.Nifti1Image(np.stack([image, image / 2], axis=-1), ct.affine), root / "imagesTr/spl_1.nii.gz")
+    mr_like = np.clip(image + 1000, 0, None) / 2   # a second, non-CT channel on the same grid
+    nib.save(nib.Nifti1Image(np.stack([image, mr_like], axis=-1), ct.affine), root / "imagesTr/spl_1.nii.gz")
     nib.save(nib.Nifti1Image((seg == 1).astype(np.uint8), ct.affine), root / "labelsTr/spl_1.nii.gz")
     (root / "dataset.json").write_text(json.dumps({
         "name": "Spleen", "modality": {"0": "CT", "1": "T2"}, "labels": {"0": "background", "1": "spleen"},
@@ -191,11 +192,13 @@ def test_nan_and_unreadable_and_channel_count(run_cli, kidney_dataset, tmp_path)
     (root / "imagesTr/ct0_0000.nii.gz").write_bytes(b"not an image")
     assert "ct0_0000.nii.gz: cannot read the image" in _one_error(run_cli, "-d", str(root), "-o", tmp_path / "p")
 
-    other = write_kidney_dataset(tmp_path / "two_channels", slabs=((0, 40),))
+    other = write_kidney_dataset(tmp_path / "two_channels", slabs=((60, 100),))   # through the kidneys
     meta = json.loads((other / "dataset.json").read_text())
     meta["channel_names"] = {"0": "CT", "1": "PET"}
     (other / "dataset.json").write_text(json.dumps(meta))
-    shutil.copy(other / "imagesTr/ct0_0000.nii.gz", other / "imagesTr/ct0_0001.nii.gz")
+    ct0 = nib.load(other / "imagesTr/ct0_0000.nii.gz")
+    pet = np.clip(np.asarray(ct0.dataobj, dtype=np.float32) + 100, 0, 400) / 80
+    nib.save(nib.Nifti1Image(pet, ct0.affine), other / "imagesTr/ct0_0001.nii.gz")
     line = _one_error(run_cli, "-d", f"kidney={other}", "-o", tmp_path / "p")
     assert "task 'kidney' takes 1 channel(s)" in line and "the dataset has 2" in line
 

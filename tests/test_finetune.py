@@ -202,7 +202,7 @@ def test_workers_step_and_the_default_model_reach_their_steps(run_cli, small_mod
         seen["source"] = config.source
         return None
 
-    def evaluate(output, data, options, tolerance, *, window):
+    def evaluate(output, data, options, tolerance, *, window, accept_implausible=False):
         seen["window"] = window
         return None
 

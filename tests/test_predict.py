@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import CT, DICOM, SHARED_DATA
+from conftest import CT, DICOM, SHARED_DATA, write_pet_like
 
 
 def test_kidney_on_the_real_ct_keeps_the_input_geometry_exactly(run_cli, small_model_dir, tmp_path):
@@ -104,7 +104,7 @@ def test_nnunet_channel_naming_groups_files(run_cli, coarse_model_dir, tmp_path)
     folder = tmp_path / "imagesTs"
     folder.mkdir()
     shutil.copy(CT, folder / "case1_0000.nii.gz")
-    shutil.copy(CT, folder / "case1_0001.nii.gz")
+    write_pet_like(folder / "case1_0001.nii.gz")
     code, stdout, err = run_cli("predict", folder, "-t", "pet_lesion", "-m", coarse_model_dir, "-o", tmp_path / "out",
                                 "--json", "--no-tta")
     assert code == 0, err
@@ -117,8 +117,9 @@ def test_all_tasks_merge_into_one_map(run_cli, coarse_model_dir, tmp_path):
     assert code == 0, err
     result = json.loads(stdout)
     assert [r["value"] for r in result["labels"]] == list(range(1, 13))   # the CT tasks: liver 1-2 … vertebrae 12
-    assert result["labels"][11] == {"value": 12, "name": "vertebrae", "task": "vertebrae",
-                                    "voxels": result["labels"][11]["voxels"], "volume_ml": result["labels"][11]["volume_ml"]}
+    vertebrae = result["labels"][11]
+    assert vertebrae == {"value": 12, "name": "vertebrae", "task": "vertebrae", "voxels": vertebrae["voxels"],
+                         "volume_ml": vertebrae["volume_ml"], "flags": vertebrae["flags"]}
     labels = np.asarray(nib.load(tmp_path / "example_ct_all.nii.gz").dataobj)
     assert labels.max() <= 12
 
@@ -138,7 +139,7 @@ def test_probabilities_shards_and_resume(run_cli, coarse_model_dir, scan_folder,
     results = [json.loads(line) for line in stdout.splitlines()]
     assert code == 0 and [(r["case"], r.get("skipped", False)) for r in results] == [
         ("a", False), ("b", True), ("c", False)]
-    assert sorted(results[1]) == ["case", "inputs", "output", "skipped", "task"]
+    assert sorted(results[1]) == ["case", "flags", "inputs", "output", "skipped", "task"]  # flags: as recorded
 
 
 def test_python_api_segments_an_array(coarse_model_dir, ct_volume):
@@ -188,7 +189,8 @@ def test_one_output_file_for_several_cases_is_a_usage_error(run_cli, coarse_mode
 
 def test_all_keeps_the_merged_numbering_when_one_task_fits(run_cli, coarse_model_dir, tmp_path):
     # Two channels: only the CT+PET lesion task fits; its label is 17 in the merged map, as in docs/pipeline.md §2.
-    code, stdout, err = run_cli("predict", f"{CT},{CT}", "-t", "all", "-m", coarse_model_dir, "-o", tmp_path,
+    pet = write_pet_like(tmp_path / "pet.nii.gz")
+    code, stdout, err = run_cli("predict", f"{CT},{pet}", "-t", "all", "-m", coarse_model_dir, "-o", tmp_path,
                                 "--json", "--no-tta")
     assert code == 0, err
     assert [(r["value"], r["task"]) for r in json.loads(stdout)["labels"]] == [(17, "pet_lesion")]

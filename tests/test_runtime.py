@@ -114,7 +114,8 @@ def test_out_of_accelerator_memory_falls_back_to_cpu_accumulation_only(coarse_mo
     segmenter = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False))
     calls = []
 
-    def accelerator_without_room(model, tensor, tasks, options, on_progress=None, accumulate_on=None):
+    def accelerator_without_room(model, tensor, tasks, options, on_progress=None, accumulate_on=None,
+                                 flip_entropy=False):
         calls.append(accumulate_on)
         if accumulate_on is None:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import typer
 
 from uniseg_cli import __version__
-from uniseg_cli.commands import evaluate, export, finetune, predict, preprocess, tasks, train, weights
+from uniseg_cli.commands import evaluate, export, finetune, predict, preprocess, report, tasks, train, weights
 from uniseg_cli.errors import UnisegError
 from uniseg_cli.io.stdout import StdoutClosed
 
@@ -75,6 +75,7 @@ app.command("train")(train.train)
 app.command("finetune")(finetune.finetune)
 app.command("export")(export.export)
 app.command("evaluate")(evaluate.evaluate)
+app.command("report")(report.report)
 app.add_typer(weights.app, name="weights")
 
 

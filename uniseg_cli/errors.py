@@ -58,6 +58,10 @@ class InputShapeError(UnisegError):
     """A tensor handed to the network that it cannot take (channel count, patch size, task)."""
 
 
+class ImplausibleInputError(UnisegError):
+    """A scan that is not the kind of image its task expects (uniseg_cli.quality.plausibility)."""
+
+
 def first_line(message: object) -> str:
     """The first line of an exception's (or any) message, for one-line errors; the type name if empty."""
     text = str(message).strip()

@@ -119,6 +119,14 @@ class LabelManager:
         score them), else the classes."""
         return self.regions if self.has_regions else self.classes
 
+    def channel(self, structure: Structure) -> int:
+        """The output channel holding ``structure``'s probability (its values in the task's numbering): a
+        softmax class's own channel, a region's, or for a region task's class the region that writes it."""
+        if structure.region:
+            return [r.name for r in self.regions].index(structure.name)
+        value = structure.values[0]
+        return self.region_order.index(value) if self.has_regions else value
+
     def masks(self, labels: np.ndarray, offset: int = 0) -> list[np.ndarray]:
         """Boolean masks of ``scored`` in a map of this task's classes (shifted by ``offset`` in a merged map)."""
         import numpy as np

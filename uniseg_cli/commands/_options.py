@@ -12,6 +12,11 @@ from uniseg_cli.errors import UsageError
 
 DEVICE = typer.Option("auto", "--device", help=f"{DEVICE_HELP}.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines (errors still print).")
+ACCEPT_IMPLAUSIBLE = typer.Option(
+    False, "--accept-implausible",
+    help="Use scans that fail the input checks anyway (a CT without air in HU or with a +1024 offset, an MR given as "
+         "CT or a CT as MR, a constant channel, two identical channels, a DICOM Modality other than the channel's): "
+         "each finding is logged as a warning (predict: and flagged input_override in the record). docs/quality.md.")
 
 # Training (train and finetune)
 BATCH_SIZE = typer.Option(2, "--batch-size", min=1, help="Patches per batch (published: 2).")

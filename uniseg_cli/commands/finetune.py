@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from uniseg_cli.commands._options import (
+    ACCEPT_IMPLAUSIBLE,
     AUGMENT,
     BATCH_SIZE,
     DEVICE,
@@ -53,6 +54,7 @@ def finetune(
     augment: bool = AUGMENT,
     mirror_axes: Optional[str] = MIRROR_AXES,
     resume: bool = RESUME,
+    accept_implausible: bool = ACCEPT_IMPLAUSIBLE,
     quiet: bool = QUIET,
 ) -> None:
     """Fine-tune a pretrained model on a dataset: check, pre-process (cached), train, evaluate.
@@ -85,7 +87,7 @@ def finetune(
                            precision=precision, augment=augment, freeze_encoder_epochs=freeze_encoder)
     result = run(dataset, output, model=model, mode=mode, task_name=task_name, freeze_upstream=freeze_upstream,
                  preprocessed=preprocessed, target_spacing=spacing, workers=max(workers, 1), tolerance=tolerance,
-                 mirror_axes=axes,
+                 mirror_axes=axes, accept_implausible=accept_implausible,
                  window=WindowOptions(step=step, mirror=tta),
                  options=options)
     if result.evaluation is not None:

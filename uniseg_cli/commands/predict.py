@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from uniseg_cli.commands._options import ACCEPT_IMPLAUSIBLE
 from uniseg_cli.devices import DEVICE_HELP
 
 
@@ -34,6 +35,11 @@ def predict(
     modality: Optional[str] = typer.Option(None, "--modality", help="With --task all on one-channel scans: CT or MR (default: CT if the scan has values below -500)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE", help="Refuse a case whose arrays (input, probability accumulators, label maps) would need more than SIZE (e.g. 4G), and resample the export in slabs that fit; the network's per-tile memory is not counted."),
     allow_gaps: bool = typer.Option(False, "--allow-gaps", help="Segment DICOM series with missing or unevenly spaced slices anyway, on an evenly spaced grid (labels beyond a gap are then shifted; refused by default)."),
+    uncertainty: bool = typer.Option(False, "--uncertainty", help="Write <output>_uncertainty.nii.gz (normalised entropy of the class probabilities, 0 certain to 1) and, with TTA, <output>_disagreement.nii.gz (the part of it from the mirrored copies disagreeing), float32 on the scan's grid, at no extra network pass; add each label's confidence (mean probability, share below 0.75, a volume range) to the record. Definitions: docs/quality.md."),
+    accept_implausible: bool = ACCEPT_IMPLAUSIBLE,
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", metavar="CODE,...", help="Count cases with these quality flags as failed (exit 1; their outputs are still written): missing, volume, border, fragmented, low_confidence (needs --uncertainty), input_override, or any."),
+    keep_largest: Optional[str] = typer.Option(None, "--keep-largest", metavar="LABELS|all", help="Post-processing: keep only the largest connected component of these labels (by name, comma-separated; kidney keeps two); recorded in the record."),
+    min_component_ml: Optional[float] = typer.Option(None, "--min-component-ml", metavar="ML", help="Post-processing: remove connected components smaller than ML millilitres from every label; recorded in the record."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per case on stdout."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case starting at I (sorted by case name), to split a batch across jobs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip cases whose outputs are all there as their case record lists them (resume an interrupted batch); a case with a missing, truncated or changed file is redone."),
@@ -66,6 +72,7 @@ def predict(
     from uniseg_cli.io.stdout import print_data
     from uniseg_cli.outputs.formats import OutputOptions, parse_formats
     from uniseg_cli.outputs.record import dumps
+    from uniseg_cli.quality.flags import parse_fail_on
 
     if quiet:
         logging.getLogger("uniseg_cli").setLevel(logging.WARNING)
@@ -82,7 +89,8 @@ def predict(
         raise UsageError(f"--preview-file {preview_file}: must end in .png")
     outputs = OutputOptions(formats=parse_formats(output_format), sidecar=sidecar,
                             statistics=statistics or statistics_csv is not None,
-                            preview=preview or preview_file is not None, preview_path=preview_file, split=split)
+                            preview=preview or preview_file is not None, preview_path=preview_file, split=split,
+                            uncertainty=uncertainty)
     stdin = sys.stdin if "-" in inputs else ()
     failures = run_batch(
         inputs, stdin, task=task, model=model, output=output, device=device,
@@ -90,7 +98,8 @@ def predict(
         probabilities=save_probabilities, modality=modality, shard=shard, skip_existing=skip_existing,
         emit=(lambda result: print_data(dumps(result.to_json()))) if as_json else None,
         progress=not quiet, max_memory=None if max_memory is None else parse_size(max_memory), allow_gaps=allow_gaps,
-        outputs=outputs, statistics_csv=statistics_csv,
+        outputs=outputs, statistics_csv=statistics_csv, accept_implausible=accept_implausible,
+        keep_largest=keep_largest, min_component_ml=min_component_ml, fail_on=parse_fail_on(fail_on),
     )
     if failures:
         raise typer.Exit(1)

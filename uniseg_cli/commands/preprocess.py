@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from uniseg_cli.commands._options import parse_triple
+from uniseg_cli.commands._options import ACCEPT_IMPLAUSIBLE, parse_triple
 
 
 def preprocess(
@@ -17,6 +17,7 @@ def preprocess(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Take the known tasks from this model's config (default: the 11 published tasks)."),
     target_spacing: Optional[str] = typer.Option(None, "--target-spacing", metavar="Z,Y,X", help="Resample every task to this spacing in mm instead of its own (known task) or the dataset's median (new task)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Cases processed in parallel (default: the number of CPU cores)."),
+    accept_implausible: bool = ACCEPT_IMPLAUSIBLE,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
 ) -> None:
     """Check datasets and pre-process them for training, exactly as predict pre-processes scans.
@@ -43,6 +44,6 @@ def preprocess(
         known = model_config(model).tasks
     spacing = parse_triple(target_spacing, "--target-spacing", float, "numbers (mm)")
     tasks = preprocess_datasets(datasets, output, known=known, workers=workers, progress=not quiet,
-                                target_spacing=spacing)
+                                target_spacing=spacing, accept_implausible=accept_implausible)
     for data in tasks:
         logging.getLogger("uniseg_cli").info("%s: %d case(s) in %s", data.task.key, len(data.cases), data.folder)

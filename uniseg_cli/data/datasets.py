@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from uniseg_cli.quality.plausibility import check_inputs
 from uniseg_cli.data.preprocessing import axial_permutation
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.io.images import ImageError, read_channels, read_image, strip_ending
@@ -307,11 +308,13 @@ class CaseCheck:
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]   # axial order, as pre-processing sees it
     foreground_values: tuple[int, ...]
+    accepted: tuple[str, ...] = ()        # implausible-input findings accepted with --accept-implausible
 
 
-def check_case(case: TrainingCase, dataset: Dataset) -> CaseCheck:
+def check_case(case: TrainingCase, dataset: Dataset, accept_implausible: bool = False) -> CaseCheck:
     """Read every file of one case and refuse what training could not use, with a one-line reason
-    (``read_dataset`` has checked that the files exist)."""
+    (``read_dataset`` has checked that the files exist): also a scan that is not what its channels
+    declare (``uniseg_cli.quality.plausibility``), unless ``accept_implausible``."""
     try:
         data, geometry = read_channels(case.channels, nan_to_zero=False)
         label, label_geometry = read_image(case.label, nan_to_zero=False)
@@ -331,8 +334,26 @@ def check_case(case: TrainingCase, dataset: Dataset) -> CaseCheck:
     if undeclared:
         raise DatasetError(f"{case.label}: label value(s) {undeclared} are not declared in {DATASET_JSON} "
                            f"(declared: {list(dataset.label_values)})")
+    findings = check_inputs(data, [channel_for(n) for n in dataset.channel_names],
+                            [str(p) for p in case.channels] if len(case.channels) == data.shape[0]
+                            else [f"{case.channels[0]} (volume {i + 1})" for i in range(data.shape[0])],
+                            geometry.modalities)
+    if findings and not accept_implausible:
+        raise DatasetError(f"{findings[0].line()}; --accept-implausible trains on it anyway")
     perm = axial_permutation(geometry.array_axis_world())
-    return CaseCheck(case.name, tuple(data.shape[1:]), tuple(float(geometry.spacing[p]) for p in perm), present)  # type: ignore[arg-type]
+    return CaseCheck(case.name, tuple(data.shape[1:]), tuple(float(geometry.spacing[p]) for p in perm), present,  # type: ignore[arg-type]
+                     tuple(f.line() for f in findings))
+
+
+def check_labels_present(dataset: Dataset, checks: Sequence[CaseCheck]) -> list[str]:
+    """Refuse a dataset whose label maps are all background (a model would learn nothing, and held-out
+    Dice would read 0 with no other sign); return a warning for each declared label no case holds."""
+    present = {v for c in checks for v in c.foreground_values}
+    if not present:
+        raise DatasetError(f"{dataset.root}: every label map of its {len(checks)} case(s) is background only: "
+                           "nothing to learn (are the labels in another folder, or all 0?)")
+    return [f"{dataset.root}: label {name!r} (value {value}) occurs in none of its {len(checks)} case(s); the model "
+            "will never predict it" for name, value in dataset.labels if value not in present]
 
 
 def label_classes(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:

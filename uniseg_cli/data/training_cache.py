@@ -34,6 +34,7 @@ from uniseg_cli.data.datasets import (
     TrainingCase,
     attach_task,
     check_case,
+    check_labels_present,
     default_task_key,
     known_key,
     label_classes,
@@ -135,10 +136,12 @@ def case_incomplete(folder: Path, case: str) -> str | None:
 # ---------------------------------------------------------------------------------- preprocess
 def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequence[Task] = UPSTREAM_TASKS,
                         workers: int | None = None, progress: bool = True,
-                        target_spacing: tuple[float, float, float] | None = None) -> list[TaskData]:
+                        target_spacing: tuple[float, float, float] | None = None,
+                        accept_implausible: bool = False) -> list[TaskData]:
     """Check every dataset, then pre-process every case not done yet; returns the tasks written.
 
     ``target_spacing`` (z, y, x mm) replaces every task's spacing, e.g. to train a coarse, fast model.
+    ``accept_implausible`` trains on scans that fail the input checks (each logged as a warning).
     """
     output = Path(output)
     if not specs:
@@ -158,12 +161,18 @@ def preprocess_datasets(specs: Sequence[str], output: str | Path, *, known: Sequ
     checks: list[list[CaseCheck]] = []
     todo = [(key, d, case) for key, d in datasets for case in d.cases
             if case_incomplete(output / key, case.name) is not None]
-    fresh = _map(check_case, [(case, d) for _, d, case in todo], workers, "checking", progress)
+    fresh = _map(check_case, [(case, d, accept_implausible) for _, d, case in todo], workers, "checking", progress)
+    for check in fresh:
+        for line in check.accepted:
+            log.warning("%s (accepted: --accept-implausible)", line)
     fresh_by_case = {(key, c.name): r for (key, _, c), r in zip(todo, fresh)}
     for key, dataset in datasets:
         checks.append([fresh_by_case.get((key, case.name)) or _stored_check(output / key, case.name)
                        for case in dataset.cases])
 
+    for (_, dataset), task_checks in zip(datasets, checks):
+        for warning in check_labels_present(dataset, task_checks):
+            log.warning("%s", warning)
     tasks = renumber([attach_task(key, dataset, known, median_spacing(c))
                       for (key, dataset), c in zip(datasets, checks)])
     if target_spacing is not None:

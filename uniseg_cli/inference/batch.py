@@ -7,6 +7,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from uniseg_cli.config import ALL_AXES
@@ -18,8 +19,10 @@ from uniseg_cli.inference.sliding_window import WindowOptions
 from uniseg_cli.io.atomic import make_folder
 from uniseg_cli.outputs.formats import OutputOptions, check_options
 from uniseg_cli.outputs.plan import CasePlan, check_plans
+from uniseg_cli.outputs.record import read_record
 from uniseg_cli.outputs.statistics import write_statistics_table
 from uniseg_cli.progress import on_terminal, stderr_progress
+from uniseg_cli.quality.postprocess import parse_postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,11 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
               device: str, window: WindowOptions, probabilities: str | None, modality: str | None,
               shard: str | None, skip_existing: bool, emit: Callable[[CaseResult], None] | None,
               progress: bool, max_memory: int | None = None, allow_gaps: bool = False,
-              outputs: OutputOptions = OutputOptions(), statistics_csv: Path | None = None) -> int:
-    """Segment every case; returns the number of failed cases (each reported on stderr and to ``emit``)."""
+              outputs: OutputOptions = OutputOptions(), statistics_csv: Path | None = None,
+              accept_implausible: bool = False, keep_largest: str | None = None,
+              min_component_ml: float | None = None, fail_on: frozenset[str] = frozenset()) -> int:
+    """Segment every case; returns the number of failed cases (each reported on stderr and to ``emit``),
+    a case flagged with a ``fail_on`` code among them (its outputs are written)."""
     every = collect_cases(arguments, stdin)
     if not every:
         raise UsageError("no cases to segment")
@@ -53,6 +59,10 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
         raise UsageError("--skip-existing needs the case record (<name>.json) that --no-sidecar turns off: it is "
                          "how a finished case is told from a half-written one")
     segmenter = Segmenter(model, device=device, window=window, max_memory=max_memory)
+    segmenter.postprocessing = parse_postprocessing(keep_largest, min_component_ml, segmenter.label_names())
+    outputs = replace(outputs, disagreement=outputs.uncertainty and segmenter.mirrored)
+    if "low_confidence" in fail_on and not outputs.uncertainty:
+        raise UsageError("--fail-on low_confidence needs --uncertainty (confidence comes from the probabilities)")
     key = segmenter.task_key(task)
     if outputs.split and skip_existing and key == ALL_TASKS:
         raise UsageError("--skip-existing with --split needs a task list (the files a case gets from 'all' "
@@ -77,7 +87,7 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
             if inner is not None:
                 inner(result)
     pipeline = _Pipeline(segmenter, key, task, probabilities=probabilities, modality=modality, allow_gaps=allow_gaps,
-                         outputs=outputs, emit=emit)
+                         outputs=outputs, emit=emit, accept_implausible=accept_implausible, fail_on=fail_on)
     with _Progress(enabled=on_terminal(progress)) as bar, pipeline:
         skipped = set()
         if skip_existing:
@@ -93,7 +103,8 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
         for plan in todo_plans:
             case = plan.case
             if case in skipped:
-                pipeline.done(CaseResult.of(case, key, output=str(plan.primary), skipped=True))
+                pipeline.done(CaseResult.of(case, key, output=str(plan.primary), skipped=True,
+                                            flags=recorded_flags(plan)))
                 continue
             prepared = pipeline.take(case)
             pipeline.prefetch(next(upcoming, None))  # read and pre-process the next case meanwhile
@@ -102,7 +113,8 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
             bar.start(case.name)
             try:
                 prediction = segmenter.run(prepared.inputs, probabilities=probabilities is not None,
-                                           split=outputs.split, on_progress=bar.update)
+                                           split=outputs.split, uncertainty=outputs.uncertainty,
+                                           on_progress=bar.update)
             except CASE_ERRORS as exc:
                 pipeline.failed(case, exc)
             else:
@@ -119,8 +131,10 @@ class _Pipeline:
     """
 
     def __init__(self, segmenter: Segmenter, key: str, task: str, *, probabilities: str | None, modality: str | None,
-                 allow_gaps: bool, outputs: OutputOptions, emit: Callable[[CaseResult], None] | None) -> None:
+                 allow_gaps: bool, outputs: OutputOptions, emit: Callable[[CaseResult], None] | None,
+                 accept_implausible: bool = False, fail_on: frozenset[str] = frozenset()) -> None:
         self.segmenter, self.key, self.task = segmenter, key, task
+        self.accept_implausible, self.fail_on = accept_implausible, fail_on
         self.probabilities, self.modality, self.allow_gaps, self.emit = probabilities, modality, allow_gaps, emit
         self.outputs = outputs
         self.failures = 0
@@ -146,7 +160,7 @@ class _Pipeline:
         if plan is not None:
             self._prefetched[plan.case.name] = self._reader.submit(
                 self.segmenter.prepare_case, plan.case, self.task, plan, modality=self.modality,
-                allow_gaps=self.allow_gaps, outputs=self.outputs)
+                allow_gaps=self.allow_gaps, outputs=self.outputs, accept_implausible=self.accept_implausible)
 
     def take(self, case: Case) -> PreparedCase | None:
         try:
@@ -186,6 +200,14 @@ class _Pipeline:
             result = self._error(case, exc)
         if isinstance(result, BaseException):
             result = self._error(case, result)
+        elif self.fail_on and result.flags:
+            hits = [f for f in result.flags if f["code"] in self.fail_on]
+            if hits:
+                self.failures += 1
+                result.failed_on = sorted({f["code"] for f in hits})
+                print(f"Error: {result.case}: flagged {hits[0]['code']}: {hits[0]['reason']}"
+                      + (f" (and {len(hits) - 1} more)" if len(hits) > 1 else "") + "; counted as failed (--fail-on)",
+                      file=sys.stderr)
         if self.emit is not None:
             self.emit(result)
 
@@ -196,6 +218,13 @@ class _Pipeline:
             log.debug("%s failed", case.name, exc_info=(type(exc), exc, exc.__traceback__))
         print(f"Error: {message}", file=sys.stderr)
         return CaseResult.of(case, self.key, error=message)
+
+
+def recorded_flags(plan: CasePlan) -> list[dict] | None:
+    """The flags a finished case's record holds (a skipped case flagged then still fails ``--fail-on``)."""
+    record = read_record(plan.record) if plan.record is not None else None
+    flags = ((record or {}).get("result") or {}).get("flags")
+    return flags if isinstance(flags, list) else None
 
 
 def _finished(value: object) -> Future:

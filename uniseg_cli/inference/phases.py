@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from uniseg_cli.inference.cases import Case
-from uniseg_cli.labels import Structure, structure_index
+from uniseg_cli.labels import LabelManager, Structure, structure_index
 from uniseg_cli.tasks import LabelTerms, Task, label_terms
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from uniseg_cli.data.preprocessing import CropInfo
     from uniseg_cli.io.images import Geometry
     from uniseg_cli.outputs.plan import CasePlan
+    from uniseg_cli.quality.plausibility import Finding
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class Prediction:
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
     tasks: dict[str, np.ndarray] = field(default_factory=dict)
     regions: list[Structure] = field(default_factory=list)  # region tasks' regions, in ``labels``' numbering
+    offsets: dict[str, int] = field(default_factory=dict)   # each task's first value in ``labels`` less one
+    managers: dict[str, LabelManager] = field(default_factory=dict)
+    flip_entropy: dict[str, np.ndarray] = field(default_factory=dict)  # per task, with --uncertainty and TTA
 
 
 @dataclass
@@ -64,6 +68,9 @@ class CaseResult:
     probabilities: str | None = None
     outputs: dict[str, str] | None = None
     regions: list[dict[str, Any]] | None = None   # a region task's regions (unions of its classes)
+    flags: list[dict[str, Any]] | None = None     # the case's quality flags (uniseg_cli.quality.flags)
+    postprocessing: dict[str, Any] | None = None  # what --keep-largest / --min-component-ml removed
+    failed_on: list[str] | None = None            # the --fail-on codes the case was flagged with
     skipped: bool = False
     error: str | None = None
 
@@ -75,8 +82,9 @@ class CaseResult:
     def to_json(self) -> dict[str, Any]:
         """Only what happened: a failed or skipped case has no labels, time or device."""
         data = asdict(self)
-        if self.error is not None or self.skipped:
-            data.update(labels=None, regions=None, seconds=None, device=None)
+        if self.error is not None or self.skipped:  # a skipped case keeps the flags its record holds
+            data.update(labels=None, regions=None, seconds=None, device=None, postprocessing=None,
+                        flags=None if self.error is not None else self.flags)
         return {k: v for k, v in data.items() if v is not None and not (k == "skipped" and not v)}
 
 
@@ -91,6 +99,7 @@ class NetworkInputs:
     offsets: dict[str, int]
     groups: list[tuple[list[Task], torch.Tensor, CropInfo]]
     regions: list[Structure] = field(default_factory=list)
+    accepted: list[Finding] = field(default_factory=list)  # implausible-input findings accepted knowingly
 
 
 @dataclass

@@ -20,6 +20,7 @@ from uniseg_cli.inference.runtime import precision_context, resolve_precision
 from uniseg_cli.labels import Head
 from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
+from uniseg_cli.quality.confidence import flip_entropy as entropy_of_flip
 from uniseg_cli.tasks import Task
 
 
@@ -101,7 +102,7 @@ def heads(tasks: Sequence[Task]) -> list[Head]:
 def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
                    options: WindowOptions = WindowOptions(),
                    on_progress: Callable[[int, int], None] | None = None,
-                   accumulate_on: torch.device | None = None) -> list[torch.Tensor]:
+                   accumulate_on: torch.device | None = None, flip_entropy: bool = False) -> list[torch.Tensor]:
     """Class probabilities of each ``Head`` (prompt index, output channels, sigmoid) for a pre-processed
     ``(c, z, y, x)`` tensor (``heads(tasks)`` gives them).
 
@@ -111,6 +112,9 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
     task (``sigmoid``) each of its first ``classes`` outputs through a sigmoid instead.
     ``on_progress(done, total)`` counts network passes over one tile (tiles × mirrors), so that a bar
     moves every few seconds even when one tile's 8 mirrored passes take a minute on a CPU.
+    With ``flip_entropy`` each tensor has one more channel, last: the normalised entropy of each mirrored
+    copy's probabilities, averaged like them (``uniseg_cli.quality.confidence``: what the TTA
+    disagreement map subtracts), at no extra network pass.
     """
     patch = model.config.patch_size
     padded, crop = pad_to_patch(data, patch)
@@ -118,7 +122,9 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
     precision = resolve_precision(options.precision, device)
     results = accumulate_on or device
     gaussian = _gaussian_on(tuple(patch), torch.device(results))
-    sums = [torch.zeros((head.outputs, *padded.shape[1:]), dtype=torch.float32, device=results) for head in tasks]
+    extra = int(flip_entropy)
+    sums = [torch.zeros((head.outputs + extra, *padded.shape[1:]), dtype=torch.float32, device=results)
+            for head in tasks]
     weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=results)
     corners = list(itertools.product(*tile_starts(padded.shape[1:], patch, options.step)))
     mirrors = mirror_combinations(model.config.mirror_axes) if options.mirror else [()]
@@ -135,7 +141,8 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
         x = torch.stack([padded[(slice(None), *w)] for w in windows])
         with precision_context(precision, device), inference_kernels(device):
-            predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors, mirror_done)]
+            predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors, mirror_done,
+                                                                       flip_entropy=flip_entropy)]
         for i, window in enumerate(windows):
             weights[window] += gaussian
             for total, prediction in zip(sums, predictions):
@@ -152,13 +159,16 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[Head],
-                        mirrors: Sequence[tuple[int, ...]], mirror_done: Callable[[int], None]) -> list[torch.Tensor]:
+                        mirrors: Sequence[tuple[int, ...]], mirror_done: Callable[[int], None], *,
+                        flip_entropy: bool = False) -> list[torch.Tensor]:
     """Mirror-averaged softmax (sigmoid for region tasks) of each task for a batch of tiles;
-    ``mirror_done(tiles)`` after each mirror.
+    ``mirror_done(tiles)`` after each mirror; with ``flip_entropy`` the mirror-averaged entropy of each
+    copy as one more channel.
 
     The encoder and the prompt fusion run once per mirror; only the decoder runs per task.
     """
-    results = [torch.zeros((x.shape[0], head.outputs, *x.shape[2:]), dtype=torch.float32, device=x.device)
+    extra = int(flip_entropy)
+    results = [torch.zeros((x.shape[0], head.outputs + extra, *x.shape[2:]), dtype=torch.float32, device=x.device)
                for head in tasks]
     for axes in mirrors:
         features = model.encode(torch.flip(x, axes) if axes else x)
@@ -167,7 +177,12 @@ def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[Head],
             logits = model.decode(features, head.task_id, maps).float()
             probabilities = (torch.sigmoid(logits[:, :head.outputs]) if head.sigmoid
                              else torch.softmax(logits, dim=1)[:, :head.outputs])
-            result += torch.flip(probabilities, axes) if axes else probabilities
+            probabilities = torch.flip(probabilities, axes) if axes else probabilities
+            if flip_entropy:
+                result[:, :head.outputs] += probabilities
+                result[:, head.outputs:] += entropy_of_flip(probabilities, sigmoid=head.sigmoid)
+            else:
+                result += probabilities
         mirror_done(x.shape[0])
     if len(mirrors) > 1:
         for result in results:

@@ -58,6 +58,7 @@ class Geometry:
     header: Any = None
     dicom_files: tuple[str, ...] = ()  # a DICOM series' slice files, in the order of array axis 0
     modality: str = ""                 # a DICOM series' Modality (CT, MR, PT, …); '' for other files
+    modalities: tuple[str, ...] = ()   # per channel of a case (``read_channels``): each file's ``modality``
 
     def same_grid(self, other: Geometry) -> bool:
         return (self.shape == other.shape and np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=1e-5)
@@ -235,7 +236,9 @@ def read_channels(paths: Sequence[str | Path], *, nan_to_zero: bool = True,
             raise ImageError(f"channels are on different grids: {path} {geometry.difference(geometries[0], str(paths[0]))}")
         arrays.append(data)
         geometries.append(geometry)
-    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)), geometries[0]
+    modalities = tuple(g.modality for g, a in zip(geometries, arrays) for _ in range(a.shape[0]))
+    return ((arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)),
+            replace(geometries[0], modalities=modalities))
 
 
 def _check_3d(path: Path, shape: tuple[int, ...]) -> None:

@@ -136,6 +136,8 @@ class OutputOptions:
     statistics: intensity statistics of channel 0 inside each label in the results.
     preview: write a PNG preview (``preview_path`` for a single case, else ``<output>_preview.png``).
     split: one output per task (each in its own numbering) instead of the merged map.
+    uncertainty: the uncertainty map beside the label map, per-label confidence in the record, the
+        ``low_confidence`` flag; ``disagreement``: also the TTA disagreement map (set where TTA runs).
     """
 
     formats: tuple[str, ...] = ("nifti",)
@@ -144,6 +146,8 @@ class OutputOptions:
     preview: bool = False
     preview_path: Path | None = None
     split: bool = False
+    uncertainty: bool = False
+    disagreement: bool = False
 
     @property
     def needs_intensity(self) -> bool:

@@ -22,6 +22,8 @@ from uniseg_cli.outputs.record import incomplete
 
 #: What ``--save-probabilities`` may write: format → file ending.
 PROBABILITY_ENDINGS = {"npz": ".npz", "nifti": ".nii.gz"}
+#: The voxel maps of ``--uncertainty`` (uniseg_cli.quality.confidence), by role and file-name suffix.
+UNCERTAINTY_ROLES = ("uncertainty", "disagreement")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class CasePlan:
     preview: Path | None
     probabilities: Path | None
     record: Path | None
+    uncertainty: tuple[Path, ...] = ()  # the uncertainty map, then (with TTA) the disagreement map
 
     @property
     def primary(self) -> Path:
@@ -79,6 +82,7 @@ class CasePlan:
             planned.append(PlannedFile(self.preview, "preview"))
         if self.probabilities is not None:
             planned.append(PlannedFile(self.probabilities, "probabilities"))
+        planned += [PlannedFile(path, role) for path, role in zip(self.uncertainty, UNCERTAINTY_ROLES)]
         if self.record is not None:
             planned.append(PlannedFile(self.record, "record"))
         return planned
@@ -114,7 +118,11 @@ def plan_case(case: Case, key: str, primary: Path, options: OutputOptions, *, sp
     chances = None
     if probabilities is not None:
         chances = base.with_name(base.name + "_probabilities" + PROBABILITY_ENDINGS[probabilities])
-    return CasePlan(case, key, tuple(maps), preview, chances, record)
+    uncertainty = ()
+    if options.uncertainty:
+        roles = UNCERTAINTY_ROLES if options.disagreement else UNCERTAINTY_ROLES[:1]
+        uncertainty = tuple(base.with_name(f"{base.name}_{role}.nii.gz") for role in roles)
+    return CasePlan(case, key, tuple(maps), preview, chances, record, uncertainty)
 
 
 def check_plans(plans: Sequence[CasePlan], others: Sequence[tuple[Path, str]] = ()) -> None:

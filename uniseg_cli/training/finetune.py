@@ -181,7 +181,7 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
              task_name: str | None = None, freeze_upstream: bool = False, preprocessed: str | Path | None = None,
              target_spacing: tuple[float, float, float] | None = None, workers: int | None = None,
              tolerance: float = 1.0, window: WindowOptions = WindowOptions(),
-             mirror_axes: tuple[int, ...] | None = None,
+             mirror_axes: tuple[int, ...] | None = None, accept_implausible: bool = False,
              options: TrainOptions = TrainOptions(epochs=FINETUNE_EPOCHS, batches_per_task=FINETUNE_BATCHES)
              ) -> FinetuneResult:
     """Check and pre-process ``dataset`` (cached), adapt the pretrained model, train, and evaluate the
@@ -189,7 +189,8 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
 
     ``mirror_axes`` are the axes training mirrors and the fine-tuned model's TTA flips; by default all
     three (nnU-Net's recipe for a new dataset) in ``downstream`` mode, and the pretrained model's in
-    ``new-task`` mode, so that the tasks it keeps keep their TTA."""
+    ``new-task`` mode, so that the tasks it keeps keep their TTA. ``accept_implausible`` trains on and
+    evaluates scans that fail the input checks (``uniseg_cli.quality.plausibility``), with warnings."""
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if freeze_upstream and mode != "new-task":
@@ -201,7 +202,8 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
     cache = Path(preprocessed) if preprocessed else output.parent / f"{output.name}-preprocessed"
     log.info("pre-processing %s into %s (reused when it is already there)", dataset, cache)
     (data,) = preprocess_datasets([f"{key}={dataset}"], cache, known=(), workers=workers,
-                                  progress=options.progress, target_spacing=target_spacing)
+                                  progress=options.progress, target_spacing=target_spacing,
+                                  accept_implausible=accept_implausible)
     surgery = (downstream_model(pretrained, data.task, seed=options.seed) if mode == "downstream"
                else new_task_model(pretrained, data.task, freeze_upstream=freeze_upstream, seed=options.seed))
     for note in surgery.notes:
@@ -214,12 +216,14 @@ def finetune(dataset: str | Path, output: str | Path, *, model: str | None, mode
     training = train(cache, output, config=config, options=options,
                      init_state=None if options.resume else surgery.model.state_dict(), trainable=surgery.trainable,
                      tasks=[data])
-    evaluation = evaluate_validation(output, data, options, tolerance, window=window)
+    evaluation = evaluate_validation(output, data, options, tolerance, window=window,
+                                     accept_implausible=accept_implausible)
     return FinetuneResult(training, evaluation)
 
 
 def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tolerance: float, *,
-                        window: WindowOptions = WindowOptions()) -> dict[str, Any] | None:
+                        window: WindowOptions = WindowOptions(), accept_implausible: bool = False
+                        ) -> dict[str, Any] | None:
     """Segment the fold's held-out cases from their raw files with the final model (``predict``'s
     pipeline, with ``window``'s step, mirroring and precision) and score them against their raw label
     maps: ``evaluation.json``."""
@@ -237,7 +241,9 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
         props = data.properties(name)
         image, geometry = read_channels(props["channels"])
         prediction = segmenter.predict_array(image, geometry.spacing, data.task.key,
-                                             axis_world=geometry.array_axis_world(), source=props["channels"][0])
+                                             axis_world=geometry.array_axis_world(), source=props["channels"][0],
+                                             sources=props["channels"] if len(props["channels"]) == image.shape[0]
+                                             else None, accept_implausible=accept_implausible)
         reference = label_classes(read_image(props["label"])[0][0], data.label_values)
         written = predictions / f"{name}.nii.gz"   # what was scored, for a look in a viewer (nnU-Net's validation/)
         write_array(written, prediction.labels, geometry, description=OUTPUT_MARK)
