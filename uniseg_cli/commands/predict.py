@@ -41,7 +41,7 @@ def predict(
     keep_largest: Optional[str] = typer.Option(None, "--keep-largest", metavar="LABELS|all", help="Post-processing: keep only the largest connected component of these labels (by name, comma-separated; kidney keeps two); recorded in the record."),
     min_component_ml: Optional[float] = typer.Option(None, "--min-component-ml", metavar="ML", help="Post-processing: remove connected components smaller than ML millilitres from every label; recorded in the record."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per case on stdout."),
-    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Process every N-th case starting at I (sorted by case name), to split a batch across jobs."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N|auto", help="Process every N-th case starting at I (sorted by case name), to split a batch across jobs; auto (or auto/N): I and N from a Slurm job array, a Kubernetes indexed Job or torchrun (docs/cohorts.md). Each shard writes its run report uniseg-run_shard-K-of-N.json."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip cases whose outputs are all there as their case record lists them (resume an interrupted batch); a case with a missing, truncated or changed file is redone."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines (errors still go to stderr)."),
 ) -> None:

@@ -15,11 +15,13 @@ from uniseg_cli.errors import UnisegError, UsageError, first_line
 from uniseg_cli.inference.cases import Case, collect_cases, output_path, select_shard
 from uniseg_cli.inference.phases import CaseResult, Prediction, PreparedCase
 from uniseg_cli.inference.predictor import ALL_TASKS, Segmenter
+from uniseg_cli.inference.schedulers import parse_shard
 from uniseg_cli.inference.sliding_window import WindowOptions
 from uniseg_cli.io.atomic import make_folder
 from uniseg_cli.outputs.formats import OutputOptions, check_options
 from uniseg_cli.outputs.plan import CasePlan, check_plans
 from uniseg_cli.outputs.record import read_record
+from uniseg_cli.outputs.run_report import RunReport, run_report_path
 from uniseg_cli.outputs.statistics import write_statistics_table
 from uniseg_cli.progress import on_terminal, stderr_progress
 from uniseg_cli.quality.postprocess import parse_postprocessing
@@ -43,10 +45,18 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     every = collect_cases(arguments, stdin)
     if not every:
         raise UsageError("no cases to segment")
-    cases = select_shard(every, shard)
+    where = parse_shard(shard)
+    if where is not None and where.source != "--shard":
+        log.info("shard %s from the environment: %s", where.spec, where.source)
+    cases = select_shard(every, where)
     if not cases:  # a job array with more jobs than cases: nothing to do is not an error
-        log.info("no cases in shard %s (%d case(s) in all)", shard, len(every))
+        log.info("no cases in shard %s (%d case(s) in all)", where.spec if where else shard, len(every))
         return 0
+    if where is not None and where.local_rank is not None and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():  # one process per GPU of the node
+            device = f"cuda:{where.local_rank % torch.cuda.device_count()}"
     check_options(outputs, [all(p.is_dir() for p in case.channels) for case in cases])
     single, single_batch = len(cases) == 1, len(every) == 1
     if outputs.split and output is not None and single and output_path(cases[0], "x", output, single=True,
@@ -71,19 +81,42 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     plans = {case: segmenter.plan(case, task, output_path(case, key, output, single=single_batch,
                                                           fmt=outputs.formats[0]),
                                   options=outputs, probabilities=probabilities) for case in every}
-    check_plans(list(plans.values()), [(statistics_csv, "the --statistics-csv table")] if statistics_csv else [])
+    folder_output = output is not None and not (single and next(iter(plans.values())).primary == output)
+    # a shard's run report (docs/cohorts.md): beside the outputs, named by the shard
+    report_file = (run_report_path(output if folder_output else Path.cwd(), where.name)  # type: ignore[arg-type]
+                   if where is not None else None)
+    others = [(statistics_csv, "the --statistics-csv table")] if statistics_csv else []
+    others += [(report_file, "the run report")] if report_file else []
+    check_plans(list(plans.values()), others)
     todo_plans = [plans[case] for case in cases]
-    if output is not None and not (single and todo_plans[0].primary == output):
-        make_folder(output)
+    if folder_output:
+        make_folder(output)  # type: ignore[arg-type]
     options = segmenter.window
     log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(todo_plans), key,
              segmenter.model_name + (" (default)" if model is None else ""),
              segmenter.device, options.precision, _tta(options.mirror, segmenter.model.config.mirror_axes), options.step)
     records: dict[str, dict] = {}
-    if statistics_csv is not None:  # the rows of the cases run now, if there are no case records to read
+    run_report = None
+    if report_file is not None:
+        run_report = RunReport(report_file, model=segmenter.model_name, model_file=segmenter.weights_file,
+                               device=str(segmenter.device), precision=options.precision,
+                               shard={"index": where.index, "count": where.count, "source": where.source}
+                               if where else None, cases=len(todo_plans),
+                               settings={"task": task, "step": options.step, "tta": options.mirror,
+                                         "batch_size": options.batch_size, "output": str(output),
+                                         "formats": list(outputs.formats), "split": outputs.split,
+                                         "statistics": outputs.statistics, "preview": outputs.preview,
+                                         "uncertainty": outputs.uncertainty, "probabilities": probabilities,
+                                         "skip_existing": skip_existing, "accept_implausible": accept_implausible,
+                                         "fail_on": sorted(fail_on), "modality": modality, "allow_gaps": allow_gaps,
+                                         "postprocessing": segmenter.postprocessing.to_json()})
+        run_report.write()
+    if statistics_csv is not None or run_report is not None:  # rows of the cases run now; the run report
         inner = emit
         def emit(result: CaseResult) -> None:
             records[result.case] = result.to_json()
+            if run_report is not None:
+                run_report.add(result)
             if inner is not None:
                 inner(result)
     pipeline = _Pipeline(segmenter, key, task, probabilities=probabilities, modality=modality, allow_gaps=allow_gaps,
@@ -114,13 +147,15 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
             try:
                 prediction = segmenter.run(prepared.inputs, probabilities=probabilities is not None,
                                            split=outputs.split, uncertainty=outputs.uncertainty,
-                                           on_progress=bar.update)
+                                           on_progress=lambda done, total: (bar.update(done, total), pipeline.poll()))
             except CASE_ERRORS as exc:
                 pipeline.failed(case, exc)
             else:
                 pipeline.write(prepared, prediction)  # written in the background, reported in order
     if statistics_csv is not None:
         write_statistics_table(statistics_csv, list(plans.values()), records)
+    if run_report is not None:
+        run_report.finish()
     return pipeline.failures
 
 
@@ -186,6 +221,11 @@ class _Pipeline:
 
     def failed(self, case: Case, exc: BaseException) -> None:
         self._pending.append((case, _finished(exc)))
+        self._flush(block=False)
+
+    def poll(self) -> None:
+        """Report what has finished meanwhile (called between network passes: the previous case's record
+        and run-report entry appear as soon as it is written, not when the next case is)."""
         self._flush(block=False)
 
     def _flush(self, *, block: bool) -> None:

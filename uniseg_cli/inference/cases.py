@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from uniseg_cli.inference.schedulers import Shard
 from uniseg_cli.errors import UsageError
 from uniseg_cli.io.images import image_ending, is_dicom_folder, strip_ending
 
@@ -155,16 +156,12 @@ def group_channel_files(files: Sequence[Path]) -> list[Case]:
     return cases
 
 
-def select_shard(cases: Sequence[Case], shard: str | None) -> list[Case]:
-    """``I/N``: every N-th case starting at I, in a deterministic (sorted by name, then path) order."""
+def select_shard(cases: Sequence[Case], shard: Shard | None) -> list[Case]:
+    """Shard ``I/N``: every N-th case starting at I, in a deterministic (sorted by name, then path) order."""
     if shard is None:
         return list(cases)
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
-    if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
-        raise UsageError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4")
-    index, count = int(match.group(1)), int(match.group(2))
     ordered = sorted(cases, key=lambda c: (c.name, str(c.channels[0])))
-    return ordered[index::count]
+    return ordered[shard.index::shard.count]
 
 
 def output_path(case: Case, task_key: str, output: Path | None, *, single: bool, fmt: str = "nifti") -> Path:

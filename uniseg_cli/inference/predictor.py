@@ -28,7 +28,7 @@ from uniseg_cli.inference.runtime import resolve_precision
 from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
 from uniseg_cli.io.images import read_channels
 from uniseg_cli.labels import Head, Structure
-from uniseg_cli.model.files import load_model
+from uniseg_cli.model.files import WEIGHTS_NAME, load_model
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.outputs.dicom import check_references
 from uniseg_cli.outputs.export import export_case
@@ -67,11 +67,14 @@ class Segmenter:
         if window.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {window.batch_size}")
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
+        self.weights_file: Path | None = None  # the model's weights file (its SHA-256 goes into run reports)
         if isinstance(model, UniSeg):
             self.model, self.model_name = model.to(self.device).eval(), "(in memory)"
         else:
             resolved = resolve_model(model)
             self.model, self.model_name = load_model(resolved.path, device=self.device), resolved.spec
+            where = Path(resolved.path)
+            self.weights_file = where if where.is_file() else where / WEIGHTS_NAME
         self.window = replace(window, precision=resolve_precision(window.precision, self.device))
         self.max_memory = max_memory
         self.postprocessing = postprocessing
@@ -323,6 +326,7 @@ class Segmenter:
                      accept_implausible: bool = False,
                      on_progress: Callable[[int, int], None] | None = None) -> CaseResult:
         """Read, segment and write one case; errors are raised (the batch runner turns them into results)."""
+        outputs = replace(outputs, disagreement=outputs.uncertainty and self.mirrored)
         plan = self.plan(case, task, output, options=outputs, probabilities=probabilities)
         check_plans([plan])
         prepared = self.prepare_case(case, task, plan, modality=modality, allow_gaps=allow_gaps, outputs=outputs,

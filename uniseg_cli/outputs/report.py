@@ -23,6 +23,7 @@ from typing import Any
 
 from uniseg_cli.errors import UsageError
 from uniseg_cli.outputs.record import read_record
+from uniseg_cli.outputs.run_report import is_run_report, merge_run_reports, read_run_report
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +47,56 @@ class CaseEntry:
         return [f for f in self.result.get("flags") or [] if isinstance(f, dict)]
 
 
-def find_records(folders: Sequence[Path]) -> list[CaseEntry]:
-    """Every case record under ``folders`` (recursively), each once, sorted by case name."""
+@dataclass
+class Cohort:
+    """What the folders hold: the case records and the merged run reports of every shard."""
+
+    entries: list[CaseEntry]
+    summary: dict[str, Any]
+
+
+def find_cohort(folders: Sequence[Path]) -> Cohort:
+    """Every case record and run report under ``folders`` (recursively), each once."""
     entries: dict[Path, CaseEntry] = {}
+    reports: dict[Path, tuple[Path, dict[str, Any]]] = {}
     for folder in folders:
         if not folder.is_dir():
             raise UsageError(f"{folder}: not a folder of uniseg outputs")
         for path in sorted(folder.rglob("*.json")):
-            if path.name.startswith(".") or path.resolve() in entries:
+            if path.name.startswith(".") or path.resolve() in entries or path.resolve() in reports:
+                continue
+            if is_run_report(path):
+                data = read_run_report(path)
+                if data is not None:
+                    reports[path.resolve()] = (path, data)
                 continue
             record = read_record(path)
             if record is not None and "result" in record:
                 entries[path.resolve()] = CaseEntry(path, record)
     found = sorted(entries.values(), key=lambda e: (str(e.record.get("case")), str(e.path)))
-    if not found:
-        raise UsageError(f"no case records (<case>.json written by uniseg predict) under {', '.join(map(str, folders))}")
-    return found
+    if not found and not reports:
+        raise UsageError(f"no case records or run reports of uniseg predict under {', '.join(map(str, folders))}")
+    summary = merge_run_reports(list(reports.values()))
+    summary["records"] = len(found)
+    summary["flagged"] = sum(1 for e in found if e.flags)
+    return Cohort(found, summary)
 
 
-def write_report(folders: Sequence[Path], output: Path, *, previews: bool = True) -> list[CaseEntry]:
-    """Write the page to ``output`` (atomically); returns its cases."""
+def write_report(cohort: Cohort, folders: Sequence[Path], output: Path, *, previews: bool = True) -> None:
+    """Write the page to ``output`` (atomically)."""
     from uniseg_cli.io.atomic import write_text
 
-    entries = find_records(folders)
-    for entry in entries:
+    for entry in cohort.entries:
         entry.structures = {s["name"]: s for s in (entry.result.get("labels") or []) + (entry.result.get("regions") or [])
                             if isinstance(s, dict) and "name" in s}
         if previews:
             entry.preview, entry.preview_note = _preview(entry)
-    write_text(output, render(entries, output, folders))
-    return entries
+    write_text(output, render(cohort, output, folders))
+
+
+def failed_cases_text(cohort: Cohort) -> str:
+    """The failed cases, one per line as ``predict -`` reads them (channels comma-separated)."""
+    return "".join(",".join(case["inputs"]) + "\n" for case in cohort.summary["failed_cases"] if case["inputs"])
 
 
 # ------------------------------------------------------------------------------------------ previews
@@ -123,8 +144,9 @@ def _data_uri(png: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the page
-def render(entries: Sequence[CaseEntry], output: Path, folders: Sequence[Path]) -> str:
+def render(cohort: Cohort, output: Path, folders: Sequence[Path]) -> str:
     """The HTML text of the page."""
+    entries = cohort.entries
     names = list(dict.fromkeys(name for e in entries for name in e.structures))
     ordered = sorted(entries, key=lambda e: (-len(e.flags), str(e.record.get("case"))))
     flagged = sum(1 for e in entries if e.flags)
@@ -139,7 +161,23 @@ def render(entries: Sequence[CaseEntry], output: Path, folders: Sequence[Path]) 
     summary = ", ".join(f"{html.escape(c)} {n}" for c, n in sorted(codes.items())) or "none"
     sources = ", ".join(html.escape(str(f)) for f in folders)
     return _PAGE.format(count=len(entries), flagged=flagged, summary=summary, sources=sources, head=head, rows=rows,
-                        style=_STYLE, script=_SCRIPT)
+                        style=_STYLE, script=_SCRIPT, runs=_runs(cohort.summary))
+
+
+def _runs(summary: dict[str, Any]) -> str:
+    """The shards' runs and the failed cases, from the run reports."""
+    if not summary["shards"]:
+        return ""
+    parts = [f"<p>{len(summary['shards'])} run report(s): {summary['written']} case(s) written, {summary['skipped']} "
+             f"skipped, <strong>{summary['failed']} failed</strong>"
+             + (f"; not finished (killed?): {html.escape(', '.join(summary['unfinished_reports']))}"
+                if summary["unfinished_reports"] else "") + ".</p>"]
+    if summary["failed_cases"]:
+        items = "".join(f"<tr><td>{html.escape(c['case'])}</td><td>{html.escape(str(c['error']))}</td>"
+                        f"<td>{html.escape(c['report'])}</td></tr>" for c in summary["failed_cases"])
+        parts.append(f'<table id="failed"><thead><tr><th>failed case</th><th>error</th><th>run report</th></tr>'
+                     f"</thead><tbody>{items}</tbody></table>")
+    return "\n".join(parts)
 
 
 def _row(entry: CaseEntry, names: Sequence[str], output: Path) -> str:
@@ -245,6 +283,7 @@ _PAGE = """<!DOCTYPE html>
 <p>{count} cases from {sources}; <strong>{flagged} flagged</strong> (cases per flag: {summary}). Flagged cases
 come first; click a column to sort, hover a flagged cell for its reason. Flags and volume ranges are defined in
 the uniseg documentation (docs/quality.md).</p>
+{runs}
 <div class="controls"><input type="search" id="filter" placeholder="filter: case, task, flag…">
 <label><input type="checkbox" id="flagged-only"> flagged only</label> <span id="shown"></span></div>
 <table id="cases"><thead><tr>{head}</tr></thead>
