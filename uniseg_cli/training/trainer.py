@@ -430,35 +430,23 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
     run.sampler.set_epoch(epoch)
     encoder_frozen = epoch < options.freeze_encoder_epochs
     run.guard.freeze_encoder(run.model, encoder_frozen)
-    losses, skipped = [], 0
+    losses = []
     class_dice: dict[int, list[torch.Tensor]] = {}  # kept on the device: one transfer per epoch, not per step
     with counting_bar(f"epoch {epoch + 1}/{options.epochs}", len(run.sampler),
                       enabled=options.progress and dist_info.main) as advance:
         for batch in run.loader:
             loss, dice = _step(run.network, run.optimizer, run.scaler, batch, run.tasks, run.config, run.device,
                                options.augment, AUTOCAST_DTYPES.get(run.precision))
-            run.guard.restore()
-            advance(1)
-            if not math.isfinite(loss):
-                skipped += 1
-                continue
             losses.append(loss)
             class_dice.setdefault(int(batch["task"]), []).append(dice)
-    if not losses:
-        raise UnisegError(f"epoch {epoch + 1}: every training step gave a non-finite loss or gradient "
-                          f"({run.precision}); the best weights so far are in {run.output / BEST_FOLDER}. Try "
-                          "--precision fp32 (or a lower --lr) with --resume")
-    if skipped:
-        log.warning("epoch %d: %d of %d step(s) skipped: non-finite loss or gradient (%s)", epoch + 1, skipped,
-                    skipped + len(losses), run.precision)
+            run.guard.restore()
+            advance(1)
     loss = _mean_over_ranks(float(np.mean(losses)), run.device, dist_info)
     record: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
                               "seconds": round(time.perf_counter() - started, 3), "precision": run.precision,
                               "train_dice": _train_dice(run.tasks, class_dice)}
     if encoder_frozen:
         record["encoder_frozen"] = True
-    if skipped:
-        record["skipped_steps"] = skipped
     validate = run.has_validation and ((epoch + 1) % options.val_every == 0 or epoch + 1 == options.epochs)
     if validate and dist_info.main:
         dice = validation_dice(run.model, run.tasks, [val for _, val in run.chosen], run.device)
@@ -528,27 +516,19 @@ def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: to
           batch: dict[str, Any], tasks: list[TaskData], config: UniSegConfig, device: torch.device,
           augment: bool, autocast: torch.dtype | None) -> tuple[float, torch.Tensor]:
     """One optimiser step (under ``autocast`` unless None); the loss and the finest output's soft Dice per
-    class (region) of the batch. A step whose loss or gradient is not finite is skipped (its loss is
-    returned as NaN), as fp16's gradient scaler skips one: without the scaler (bf16, fp32) a single such
-    step would write NaN into every weight and the rest of the run would train nothing."""
+    class (region) of the batch."""
     task = tasks[int(batch["task"])].task
     images, labels = augment_batch(batch, device, config.patch_size, augment=augment, mirror_axes=config.mirror_axes)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
         outputs = network(images, task.id)
         loss, dice = deep_supervision_loss(outputs, labels, task)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        return math.nan, dice
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
-    if not scaler.is_enabled() and not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return math.nan, dice
+    torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
     scaler.step(optimizer)
     scaler.update()
-    return value, dice
+    return float(loss.detach()), dice
 
 
 @torch.no_grad()
