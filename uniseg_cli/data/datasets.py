@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from uniseg_cli.quality.plausibility import check_inputs
+from uniseg_cli.quality.plausibility import channel_sources, check_inputs
 from uniseg_cli.data.preprocessing import axial_permutation
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.io.images import ImageError, read_channels, read_image, strip_ending
@@ -335,8 +335,7 @@ def check_case(case: TrainingCase, dataset: Dataset, accept_implausible: bool = 
         raise DatasetError(f"{case.label}: label value(s) {undeclared} are not declared in {DATASET_JSON} "
                            f"(declared: {list(dataset.label_values)})")
     findings = check_inputs(data, [channel_for(n) for n in dataset.channel_names],
-                            [str(p) for p in case.channels] if len(case.channels) == data.shape[0]
-                            else [f"{case.channels[0]} (volume {i + 1})" for i in range(data.shape[0])],
+                            channel_sources(case.channels, data.shape[0]),
                             geometry.modalities)
     if findings and not accept_implausible:
         raise DatasetError(f"{findings[0].line()}; --accept-implausible trains on it anyway")

@@ -35,7 +35,7 @@ from uniseg_cli.outputs.export import export_case
 from uniseg_cli.outputs.formats import OutputOptions
 from uniseg_cli.outputs.plan import PROBABILITY_ENDINGS, CasePlan, check_plans, plan_case
 from uniseg_cli.quality.postprocess import PostProcessing, apply_postprocessing
-from uniseg_cli.quality.plausibility import article, check_inputs, enforce, expected_modality, scan_modality
+from uniseg_cli.quality.plausibility import article, channel_sources, check_inputs, enforce, expected_modality, scan_modality
 from uniseg_cli.tasks import Task, resolve_task
 from uniseg_cli.weights.hub import resolve_model
 
@@ -349,8 +349,7 @@ class Segmenter:
                                   f"{', '.join(outputs.formats)} needs one")
             check_references(geometry)  # before the network: a SEG would reference nothing
         intensity = data[0].copy() if outputs.needs_intensity else None  # statistics and previews: original units
-        sources = ([str(p) for p in case.channels] if len(case.channels) == data.shape[0]
-                   else [f"{case.channels[0]} (volume {i + 1})" for i in range(data.shape[0])])
+        sources = channel_sources(case.channels, data.shape[0])
         inputs = self.prepare_array(data, geometry.spacing, task, axis_world=geometry.array_axis_world(),
                                     source=str(case.channels[0]), modality=modality, sources=sources,
                                     dicom_modalities=geometry.modalities, accept_implausible=accept_implausible)

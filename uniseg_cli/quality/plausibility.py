@@ -139,6 +139,14 @@ def channel_findings(summary: ChannelSummary, modality: str) -> list[tuple[str, 
     return []
 
 
+def channel_sources(paths: Sequence[str | Path], channels: int) -> list[str]:
+    """A name per channel for messages: each channel's file, or for the volumes of one 4-D file that file
+    with the volume's number (equal names mean one file given twice, see ``check_inputs``)."""
+    if len(paths) == channels:
+        return [str(p) for p in paths]
+    return [f"{paths[0]} (volume {i + 1})" for i in range(channels)]
+
+
 def check_inputs(data: np.ndarray, channels: Sequence[Channel], sources: Sequence[str],
                  dicom_modalities: Sequence[str] = ()) -> list[Finding]:
     """Every finding for a case's ``(c, z, y, x)`` ``data`` read from ``sources`` (one name per channel:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from uniseg_cli.config import ALL_AXES
+from uniseg_cli.quality.plausibility import channel_sources
 from uniseg_cli.data.datasets import default_task_key, label_classes, read_dataset
 from uniseg_cli.data.training_cache import TaskData, preprocess_datasets
 from uniseg_cli.errors import UsageError
@@ -242,8 +243,8 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
         image, geometry = read_channels(props["channels"])
         prediction = segmenter.predict_array(image, geometry.spacing, data.task.key,
                                              axis_world=geometry.array_axis_world(), source=props["channels"][0],
-                                             sources=props["channels"] if len(props["channels"]) == image.shape[0]
-                                             else None, accept_implausible=accept_implausible)
+                                             sources=channel_sources(props["channels"], image.shape[0]),
+                                             accept_implausible=accept_implausible)
         reference = label_classes(read_image(props["label"])[0][0], data.label_values)
         written = predictions / f"{name}.nii.gz"   # what was scored, for a look in a viewer (nnU-Net's validation/)
         write_array(written, prediction.labels, geometry, description=OUTPUT_MARK)
