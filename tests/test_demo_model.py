@@ -33,7 +33,7 @@ def test_quickstart_segments_the_example_ct_offline(run_cli, tmp_path, monkeypat
     code, stdout, err = run_cli("predict", CT, "--task", "kidney", "-m", "uniseg-demo", "--fast", "-o", out, "--json")
     assert code == 0, err
     device = pick_device("auto")                                # what the command picks on this machine
-    assert f"on {device} ({resolve_precision('fast', device)}, TTA off, step 0.75)" in err
+    assert f"on {device} ({resolve_precision('auto', device)}, TTA off, step 0.75)" in err
     record = json.loads(stdout)
     labels, geometry = read_image(out)
     assert geometry.same_grid(read_image(CT)[1])

@@ -257,7 +257,9 @@ def test_task_all_lets_the_later_task_win_whatever_the_spacing_groups(ct_volume)
     tasks = tuple(dataclasses.replace(by_key[key], id=i, target_spacing=spacing) for i, (key, spacing) in
                   enumerate([("kidney", (8.0, 4.0, 4.0)), ("vertebrae", (8.0, 6.0, 6.0)), ("spleen", (8.0, 4.0, 4.0))]))
     torch.manual_seed(3)
-    segmenter = Segmenter(UniSeg(small_config(tasks=tasks)), device="cpu", window=WindowOptions(mirror=False))
+    # fp32: which labels a random network gives is a near-tie that reduced precision moves
+    segmenter = Segmenter(UniSeg(small_config(tasks=tasks)), device="cpu",
+                          window=WindowOptions(mirror=False, precision="fp32"))
     spacing = (3.0, 3.0, 3.0)
     merged = segmenter.predict_array(ct_volume, spacing, "all").labels
     expected = np.zeros_like(merged)

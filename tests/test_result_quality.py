@@ -26,7 +26,8 @@ def test_the_window_entropy_channel_is_the_flip_average_of_each_copys_entropy(sm
     model = small_model.eval()
     head = Head(1, 3)
     with torch.inference_mode():
-        [out] = sliding_window(model, ct_patch[0], [head], WindowOptions(mirror=True), flip_entropy=True)
+        [out] = sliding_window(model, ct_patch[0], [head], WindowOptions(mirror=True, precision="fp32"),
+                               flip_entropy=True)
         copies = []
         for axes in mirror_combinations(model.config.mirror_axes):
             flipped = torch.flip(ct_patch, axes) if axes else ct_patch

@@ -11,17 +11,25 @@ from uniseg_cli.labels import Head
 from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
 
 
-def test_auto_precision_is_fp32_on_cpu_and_fp16_on_cuda_and_fast_adds_native_bf16():
-    from uniseg_cli.inference.runtime import native_bf16_cpu
+def test_auto_precision_is_fp16_on_cuda_and_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch):
+    from uniseg_cli.inference import runtime
 
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    assert resolve_precision("fast", torch.device("cuda")) == "fp16"
-    assert resolve_precision("fast", torch.device("cpu")) == ("bf16" if native_bf16_cpu() else "fp32")
-    assert resolve_precision("fast", torch.device("mps")) == "fp32"
-    with pytest.raises(UsageError, match="--precision must be one of auto, fast, fp32, bf16, fp16, got 'fp8'"):
-        resolve_precision("fp8", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert runtime.resolve_precision("auto", torch.device("mps")) == "fp32"
+    for amx, avx512_bf16, expected, units in [(True, True, "bf16", "AMX"), (False, True, "bf16", "AVX-512 BF16"),
+                                              (False, False, "fp32", "")]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        choice = runtime.choose_precision("auto", cpu)
+        assert (choice.precision, runtime.cpu_bf16_units()) == (expected, units)
+        assert (units in choice.why) if units else ("no bf16 matrix units" in choice.why)
+        assert runtime.channels_last(choice.precision, cpu) == (expected == "bf16")
+        assert runtime.resolve_precision("fp32", cpu) == "fp32"   # asked for: the published computation
+        assert runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert not runtime.channels_last("bf16", torch.device("cuda"))
+    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16, fp16, got 'fast'"):
+        runtime.resolve_precision("fast", cpu)
 
 
 def test_training_precision_is_the_recipes_mixed_precision_and_bf16_on_native_cpus(monkeypatch):
@@ -42,7 +50,7 @@ def test_training_precision_is_the_recipes_mixed_precision_and_bf16_on_native_cp
 
 def test_bf16_window_accumulates_float32_close_to_fp32(small_model, ct_patch):
     with torch.inference_mode():
-        full = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
+        full = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision="fp32"))[0]
         half = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision="bf16"))[0]
     assert half.dtype == torch.float32
     assert (half - full).abs().max() < 0.05 and not torch.equal(half, full)
@@ -171,7 +179,8 @@ def test_one_default_precision_for_the_command_the_api_and_validation(small_mode
         resolve_precision("auto", torch.device("cpu"))
     with torch.inference_mode():
         auto = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
-        fp32 = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision="fp32"))[0]
-        assert torch.equal(auto, fp32)                           # auto is fp32 on a CPU
+        chosen = resolve_precision("auto", torch.device("cpu"))   # bf16 or fp32, by this CPU's units
+        same = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision=chosen))[0]
+        assert torch.equal(auto, same)
         with pytest.raises(UsageError, match="--precision must be one of"):
             sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(precision="fp8"))   # was: silently fp32

@@ -5,33 +5,62 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from uniseg_cli.errors import UsageError
 
-PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """The precision to run.
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run uses and why (``predict -v`` logs both)."""
 
-    ``auto`` (the default) is the faithful choice: fp16 autocast on CUDA, where it gave the fp32 label
-    maps, and fp32 elsewhere. ``fast`` (what ``--fast`` picks) adds bf16 autocast on CPUs with native
-    bf16 instructions, much faster per pass; it is not the default because its agreement with fp32
-    could only be checked on the demo model and random weights, not the published ones
-    (docs/benchmarks.md has both).
+    precision: str
+    why: str
+
+
+def choose_precision(spec: str, device: torch.device) -> PrecisionChoice:
+    """The inference precision for ``--precision spec`` on ``device``.
+
+    ``auto`` (the default): fp16 autocast on CUDA, where it gave fp32's label maps; on a CPU with bf16
+    matrix units (AMX, or AVX-512 BF16 dot products) bf16 in the channels-last layout, 2-9× faster per
+    pass there with label maps that agree with fp32's (docs/benchmarks.md); fp32 on every other CPU,
+    where bf16 is emulated and slower, and on MPS. The CPU's feature flags decide, not a timing probe:
+    a probe costs start-up time and, on a shared machine, could pick differently from one run to the
+    next and so give a different label map for the same command. ``fp32`` is the published
+    computation bit for bit (on CUDA with TF32 off).
     """
     if spec not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {spec!r}")
-    if spec in ("auto", "fast"):
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if spec == "fast" and device.type == "cpu" and native_bf16_cpu() else "fp32"
-    if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"{device} has no bfloat16 support; use --precision fp16 or fp32")
-    return spec
+    if spec != "auto":
+        if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UsageError(f"{device} has no bfloat16 support; use --precision fp16 or fp32")
+        return PrecisionChoice(spec, "--precision " + spec)
+    if device.type == "cuda":
+        return PrecisionChoice("fp16", "auto: fp16 autocast on CUDA")
+    if device.type == "cpu":
+        units = cpu_bf16_units()
+        if units:
+            return PrecisionChoice("bf16", f"auto: this CPU has bf16 matrix units ({units}): bf16, channels-last")
+        return PrecisionChoice("fp32", "auto: this CPU has no bf16 matrix units (no AMX, no AVX-512 BF16), where "
+                                       "bf16 is slower than fp32")
+    return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """``choose_precision(spec, device).precision``."""
+    return choose_precision(spec, device).precision
+
+
+def channels_last(precision: str, device: torch.device) -> bool:
+    """Whether the network runs channels-last (``UniSeg.set_channels_last``): bf16 on the CPU, where
+    oneDNN's bf16 convolutions are native to that layout. fp32 stays contiguous, as published; CUDA keeps
+    the layout it was measured with."""
+    return precision == "bf16" and device.type == "cpu"
 
 
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -60,11 +89,16 @@ def resolve_training_precision(spec: str, device: torch.device) -> str:
     return spec
 
 
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 matrix units as torch's own CPU-capability checks see them ("AMX", "AVX-512 BF16";
+    "" without: there bf16 is emulated and slower than fp32)."""
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+    return next((name for name, check in checks if getattr(torch.cpu, check, lambda: False)()), "")
+
+
 def native_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX); without them bf16 is
-    emulated and no faster than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    """Whether this CPU has bf16 matrix units (``cpu_bf16_units``)."""
+    return bool(cpu_bf16_units())
 
 
 @contextlib.contextmanager

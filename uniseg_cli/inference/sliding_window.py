@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uniseg_cli.inference.runtime import precision_context, resolve_precision
+from uniseg_cli.inference.runtime import channels_last, precision_context, resolve_precision
 from uniseg_cli.labels import Head
 from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
@@ -84,8 +84,8 @@ class WindowOptions:
     """How to slide: ``step`` as a fraction of the patch (0.5 = half-overlapping tiles, the published
     default), ``mirror`` for 8-way mirroring TTA (on by default, as published), ``batch_size`` tiles
     per forward pass (more uses more memory, same result), ``precision`` of the network (``auto``:
-    fp16 autocast on CUDA, fp32 elsewhere; ``fast``, ``fp32``, ``bf16``, ``fp16``: see
-    ``runtime.resolve_precision``; probabilities are always accumulated in float32). One default for
+    fp16 autocast on CUDA, bf16 channels-last on CPUs with bf16 matrix units, fp32 elsewhere; see
+    ``runtime.choose_precision``; probabilities are always accumulated in float32). One default for
     the command, the Python API and training's validation."""
 
     step: float = 0.5
@@ -120,6 +120,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
     padded, crop = pad_to_patch(data, patch)
     device = padded.device
     precision = resolve_precision(options.precision, device)
+    model.set_channels_last(channels_last(precision, device))
     results = accumulate_on or device
     gaussian = _gaussian_on(tuple(patch), torch.device(results))
     extra = int(flip_entropy)
@@ -174,7 +175,7 @@ def _predict_tile_batch(model: UniSeg, x: torch.Tensor, tasks: Sequence[Head],
         features = model.encode(torch.flip(x, axes) if axes else x)
         maps = model.task_maps(features[-1])
         for result, head in zip(results, tasks):
-            logits = model.decode(features, head.task_id, maps).float()
+            logits = model.decode(features, head.task_id, maps).to(torch.float32, memory_format=torch.contiguous_format)
             probabilities = (torch.sigmoid(logits[:, :head.outputs]) if head.sigmoid
                              else torch.softmax(logits, dim=1)[:, :head.outputs])
             probabilities = torch.flip(probabilities, axes) if axes else probabilities

@@ -12,6 +12,7 @@ import contextvars
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from uniseg_cli.errors import InputShapeError
@@ -48,9 +49,18 @@ def _cpu_inference(x: torch.Tensor) -> bool:
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` (same parameters and state-dict names) that honours ``inference_kernels``."""
+    """``nn.Conv3d`` (same parameters and state-dict names) that honours ``inference_kernels`` and
+    keeps bf16 training off a oneDNN kernel that returns garbage."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _bf16_weight_gradient_unsafe(x, self.kernel_size):
+            # The weight gradient of oneDNN's bf16 convolution reads memory it never wrote when the
+            # input is thinner than the kernel along an axis (seen: depth 2 under a 3-deep kernel, both
+            # layouts; fp32 never): NaN or huge values whenever the allocator hands back a freed
+            # tensor's bytes, then NaN in every weight after one optimiser step. Such inputs are a
+            # small model's coarsest stages, a few voxels: computing them in fp32 costs nothing.
+            with torch.autocast("cpu", enabled=False):
+                return super()._conv_forward(x.float(), weight.float(), None if bias is None else bias.float())
         if (_cpu_inference(x) and x.dtype == torch.float32 and self.padding_mode == "zeros"
                 and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
@@ -58,13 +68,33 @@ class Conv3d(nn.Conv3d):
         return super()._conv_forward(x, weight, bias)
 
 
-def norm_activation(y: torch.Tensor, norm: nn.InstanceNorm3d, activation: nn.LeakyReLU) -> torch.Tensor:
-    """``activation(norm(y))`` with torch's own modules (the activation in place).
+def _bf16_weight_gradient_unsafe(x: torch.Tensor, kernel: Sequence[int]) -> bool:
+    """A CPU bf16 (autocast) convolution whose gradient is recorded on an input smaller than its kernel."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and any(size < k for size, k in zip(x.shape[2:], kernel)))
 
-    An in-place instance norm through the private ``native_batch_norm.out`` kernel was tried: the same
-    values, but time and peak memory per pass within run-to-run noise, so the public path stays.
+
+def norm_activation(y: torch.Tensor, norm: nn.InstanceNorm3d, activation: nn.LeakyReLU) -> torch.Tensor:
+    """``activation(norm(y))``, the activation in place, keeping ``y``'s memory layout.
+
+    On a contiguous tensor (every fp32 computation, as published) torch's own instance norm. On a
+    channels-last tensor (the bf16 CPU path, ``UniSeg.set_channels_last``) torch's instance norm would
+    first copy it to the contiguous layout and hand the next convolution a layout oneDNN must reorder
+    again (more than half of a bf16 pass went to such copies); so each sample is normalised by the
+    training-mode batch norm, which for one sample computes exactly the instance-norm statistics, works
+    on channels-last tensors in place of layout, and accumulates them in float32 even for bf16 input.
     """
-    return activation(norm(y))
+    if not _channels_last(y):
+        return activation(norm(y))
+    samples = [F.batch_norm(y[b:b + 1], None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+               for b in range(y.shape[0])]
+    return activation(samples[0] if len(samples) == 1 else torch.cat(samples))
+
+
+def _channels_last(y: torch.Tensor) -> bool:
+    """Whether ``y`` is laid out channels-last (and not also contiguous, as a 1-channel tensor is)."""
+    return y.ndim == 5 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def _padding(kernel: Triple) -> Triple:

@@ -97,6 +97,21 @@ class UniSeg(nn.Module):
         self.tu = tu
         self.seg_outputs = heads
         self.apply(init_he_normal)
+        self.channels_last = False
+
+    def set_channels_last(self, channels_last: bool) -> UniSeg:
+        """Lay the weights (and so every activation) out channels-last, or back to contiguous.
+
+        oneDNN's bf16 convolutions work natively on channels-last (NDHWC) data: there a whole bf16 pass
+        on the CPU keeps one layout from input to logits (``blocks.norm_activation`` normalises in it too)
+        instead of reordering around every convolution. fp32 stays contiguous, the published
+        computation bit for bit; ``runtime.channels_last`` says which precision gets which. The
+        parameters stay the same objects (an optimiser keeps them) and the state dict the same values.
+        """
+        if channels_last != self.channels_last:
+            self.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+            self.channels_last = channels_last
+        return self
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse what the network cannot take, with the expected shape in the message."""
@@ -114,6 +129,8 @@ class UniSeg(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Skip features of stages 0…n-1 followed by the bottleneck; shared by every task."""
         self.check_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         features = []
         for stage in self.conv_blocks_context:
             x = stage(x)

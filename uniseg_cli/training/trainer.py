@@ -2,9 +2,10 @@
 
 One batch is one task; each epoch gives every task the same number of batches. SGD with Nesterov
 momentum 0.99, weight decay 3e-5, poly learning rate (power 0.9, per epoch), gradient norm clipped at
-12, fp16 autocast with a gradient scaler on CUDA (bf16 autocast on CPUs with native bf16, see
-``resolve_training_precision``). Validation runs the sliding window of ``predict``
-(no mirroring) over each task's held-out cases and logs the Dice of every class.
+12, fp16 autocast with a gradient scaler on CUDA (bf16 autocast in the channels-last layout on CPUs
+with bf16 matrix units, see ``resolve_training_precision``). Validation runs the sliding window of
+``predict`` (no mirroring, at the training's precision) over each task's held-out cases and logs the
+Dice of every class.
 
 The output folder is a model folder (``config.json`` + ``model.safetensors``, the final weights) with
 ``best/`` (the weights of the best validation), ``training_state.pt`` (everything ``--resume``
@@ -37,7 +38,7 @@ from uniseg_cli.config import UniSegConfig, small_config
 from uniseg_cli.data.training_cache import TaskData, read_plan
 from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
-from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, resolve_training_precision
+from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, channels_last, resolve_training_precision
 from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
 from uniseg_cli.io.atomic import atomic_file, make_folder, write_text
 from uniseg_cli.io.jsonfile import read_json
@@ -377,6 +378,7 @@ def _setup(tasks: list[TaskData], output: Path, config: UniSegConfig, options: T
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
                                 momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
     precision = resolve_training_precision(options.precision, device)
+    model.set_channels_last(channels_last(precision, device))  # the layout inference at this precision uses
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     start_epoch, best, best_epoch = 0, None, None
     if state is not None:
@@ -449,7 +451,7 @@ def _epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], float, bool]:
         record["encoder_frozen"] = True
     validate = run.has_validation and ((epoch + 1) % options.val_every == 0 or epoch + 1 == options.epochs)
     if validate and dist_info.main:
-        dice = validation_dice(run.model, run.tasks, [val for _, val in run.chosen], run.device)
+        dice = validation_dice(run.model, run.tasks, [val for _, val in run.chosen], run.device, run.precision)
         record["dice"] = dice
         scores = [d for per_task in dice.values() for d in per_task.values() if d is not None]
         record["mean_dice"] = round(float(np.mean(scores)), 6) if scores else None
@@ -533,15 +535,15 @@ def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: to
 
 @torch.no_grad()
 def validation_dice(model: UniSeg, tasks: Sequence[TaskData], cases: Sequence[Sequence[str]],
-                    device: torch.device) -> dict[str, dict[str, float | None]]:
+                    device: torch.device, precision: str = "auto") -> dict[str, dict[str, float | None]]:
     """Dice per task and class (per region for a region task) over the held-out cases (voxel counts
     summed over cases), from the sliding window of ``predict`` without mirroring, at the pre-processed
-    resolution.
+    resolution; at the training's ``precision``, so that the network keeps the layout it trains in.
 
     A class absent from both prediction and reference in every case has no Dice (None).
     """
     model.eval()
-    window = WindowOptions(step=0.5, mirror=False)
+    window = WindowOptions(step=0.5, mirror=False, precision=precision)
     try:
         result = {}
         for data, names in zip(tasks, cases):
