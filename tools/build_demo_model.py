@@ -2,6 +2,11 @@
 
     python tools/build_demo_model.py WORK_FOLDER [--epochs 40] [--base-features 4] [--max-features 32]
                                                  [--no-augment] [--hold-out-dicom-ct] [--shared ../shared/data]
+                                                 [--preset published] [--batch-size 2]
+
+With ``--preset published`` it makes the benchmark asset of the precision-agreement benchmark instead:
+the published network (patch 64×192×192, 32–320 features) trained on the same scans, so that agreement is
+measured on a published-size model with trained, confident weights (docs/benchmarks.md). It is not shipped.
 
 1. Writes nnU-Net v2 datasets into WORK_FOLDER/raw/ from the Apache-2.0 scans only:
    - CT tasks liver, kidney, spleen: TotalSegmentator's example CT and its DICOM example CT (the two
@@ -12,7 +17,7 @@
    - brain_tumor (T1, T1ce, T2, FLAIR): the two BrainLesion/TCGA cases with the fused BraTS-algorithm
      map; TCGA-FG-6692 (all three classes) trains, TCGA-DU-7294 is held out.
 2. `uniseg preprocess` at 3 mm isotropic (so that a whole CT is a few dozen tiles of the small network).
-3. `uniseg train --preset small` with an explicit split, on the CPU (its default precision: bf16 where
+3. `uniseg train --preset small` (or ``--preset published``) with an explicit split, on the CPU (its default precision: bf16 where
    the CPU has native bf16).
 4. `uniseg predict` (default settings: TTA, step 0.5) with the final weights and `uniseg evaluate` against
    the label maps: each held-out case (WORK_FOLDER/held_out.json) and each training case, to show how well
@@ -120,6 +125,9 @@ def main() -> int:
     parser.add_argument("--max-features", type=int, default=32)
     parser.add_argument("--hold-out-dicom-ct", action="store_true",
                         help="train the CT tasks on the example CT only and score them on the DICOM CT")
+    parser.add_argument("--preset", default="small", choices=["small", "published"],
+                        help="small: the bundled demo (with --base/--max-features); published: the published network")
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--no-augment", action="store_true",
                         help="train without augmentation (and so without mirroring TTA): fits the scans fastest")
     args = parser.parse_args()
@@ -142,8 +150,9 @@ def main() -> int:
                    check=True)
     if not (args.work / "model" / "model.safetensors").exists():
         subprocess.run([*uniseg, "train", str(args.work / "preprocessed"), "-o", str(args.work / "model"),
-                        "--preset", "small", "--base-features", str(args.base_features), "--max-features",
-                        str(args.max_features), *(["--no-augment"] if args.no_augment else []), "--epochs",
+                        "--preset", args.preset, *(["--base-features", str(args.base_features), "--max-features",
+                                                    str(args.max_features)] if args.preset == "small" else []),
+                        "--batch-size", str(args.batch_size), *(["--no-augment"] if args.no_augment else []), "--epochs",
                         str(args.epochs), "--batches-per-task",
                         str(args.batches_per_task), "--val-every", "10", "--split-file", str(split_file), "--device",
                         "cpu", "--workers", "1",
