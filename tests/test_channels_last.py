@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -94,3 +95,41 @@ def test_bf16_convolutions_of_inputs_at_least_the_kernels_size_stay_bf16():
         assert conv(torch.randn(1, 8, 2, 8, 8)).dtype == torch.float32
         with torch.no_grad():                                 # inference: the forward pass is sound
             assert conv(torch.randn(1, 8, 2, 8, 8)).dtype == torch.bfloat16
+
+
+def test_near_ties_are_recomputed_in_fp32_bit_for_bit_and_the_rest_stays_bf16(small_model, ct_volume):
+    """``bf16-checked``: every voxel whose bf16 decision is within the margin (and its neighbours)
+    gets exactly the fp32 pass's probabilities, because every tile covering it is recomputed; the others
+    keep bf16's."""
+    from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
+    from uniseg_cli.labels import Head
+
+    data = torch.from_numpy(np.clip(ct_volume[30:80, 10:90, 20:180], -325, 325) / 650 + 0.5)[None].float()
+    margin = 0.004
+    with torch.inference_mode():
+        full, half, mixed = (sliding_window(small_model, data, [Head(1, 3)], WindowOptions(
+            mirror=False, precision=p, near_tie=t))[0] for p, t in (("fp32", None), ("bf16", 0.0), ("bf16", margin)))
+    as_fp32 = (mixed == full).all(0)
+    as_bf16 = (mixed == half).all(0)
+    assert (as_fp32 | as_bf16).all()                          # each voxel is one pass's or the other's
+    top = half.topk(2, dim=0).values
+    assert as_fp32[top[0] - top[1] < margin].all()            # every near tie is fp32's
+    assert as_bf16[~as_fp32].any() and as_fp32.any()          # and only the tiles holding one were redone
+
+
+def test_bf16_checked_gives_the_trained_demo_models_fp32_label_map():
+    from conftest import CT
+
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
+    from uniseg_cli.io.images import read_channels
+
+    data, geometry = read_channels([CT])
+    maps = {}
+    for name, window in (("fp32", WindowOptions(mirror=False, precision="fp32")),
+                         ("checked", WindowOptions(mirror=False, precision="bf16-checked"))):
+        segmenter = Segmenter("uniseg-demo", device="cpu", window=window)
+        maps[name] = segmenter.predict_array(data, geometry.spacing, "kidney",
+                                             axis_world=geometry.array_axis_world()).labels
+    assert (maps["fp32"] == 1).sum() > 10_000                 # the kidneys are there
+    assert np.array_equal(maps["checked"], maps["fp32"])

@@ -79,7 +79,9 @@ def test_a_run_report_per_shard_merged_by_uniseg_report(run_cli, coarse_model_di
         run_cli("predict", scans, "-t", "kidney", "-m", coarse_model_dir, "-o", out, "--shard", "auto", "--no-tta", "-q")
     report = json.loads((out / "uniseg-run_shard-1-of-2.json").read_text())
     assert report["shard"] == {"index": 0, "count": 2, "source": "Kubernetes indexed job, completion index 0 of 2"}
-    assert report["model"]["sha256"] and report["precision"] == "fp32" and report["device"] == "cpu"
+    from uniseg_cli.inference.predictor import Segmenter
+    assert report["precision"] == Segmenter(coarse_model_dir, device="cpu").window.precision_label   # as chosen here
+    assert report["model"]["sha256"] and report["device"] == "cpu"
     assert report["settings"]["tta"] is False and report["finished"]
     assert [c["case"] for c in report["cases"]] == ["case0", "case2", "case9"]
     assert report["cases"][2]["outcome"] == "failed" and "a constant image" in report["cases"][2]["error"]

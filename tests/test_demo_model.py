@@ -25,7 +25,8 @@ def test_quickstart_segments_the_example_ct_offline(run_cli, tmp_path, monkeypat
     import nibabel as nib
 
     from uniseg_cli.devices import pick_device
-    from uniseg_cli.inference.runtime import resolve_precision
+    from uniseg_cli.inference.predictor import Segmenter
+    from uniseg_cli.inference.sliding_window import WindowOptions
     from uniseg_cli.io.images import read_image
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -33,7 +34,8 @@ def test_quickstart_segments_the_example_ct_offline(run_cli, tmp_path, monkeypat
     code, stdout, err = run_cli("predict", CT, "--task", "kidney", "-m", "uniseg-demo", "--fast", "-o", out, "--json")
     assert code == 0, err
     device = pick_device("auto")                                # what the command picks on this machine
-    assert f"on {device} ({resolve_precision('auto', device)}, TTA off, step 0.75)" in err
+    fast = Segmenter("uniseg-demo", device=device, window=WindowOptions(precision="fast")).window.precision_label
+    assert f"on {device} ({fast}, TTA off, step 0.75)" in err
     record = json.loads(stdout)
     labels, geometry = read_image(out)
     assert geometry.same_grid(read_image(CT)[1])

@@ -215,7 +215,7 @@ def test_some_cases_fail_others_are_written(run_cli, coarse_model_dir, tmp_path,
     (["--shard", "2/2"], "--shard '2/2': expected I/N with 0 <= I < N, e.g. 0/4 (or auto)"),
     (["--save-probabilities", "csv"], "--save-probabilities must be npz or nifti, got 'csv'"),
     (["--modality", "PET"], "--modality must be CT or MR, got 'PET'"),
-    (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    (["--precision", "fp8"], "--precision must be one of auto, fast, fp32, bf16, bf16-checked, fp16, got 'fp8'"),
 ])
 def test_bad_options_are_usage_errors(run_cli, coarse_model_dir, out, args, message):
     code, _, err = run_cli("predict", CT, "-t", "kidney", "-m", coarse_model_dir, "-o", out, *args)

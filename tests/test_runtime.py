@@ -6,30 +6,35 @@ import pytest
 import torch
 
 from uniseg_cli.errors import UsageError
-from uniseg_cli.inference.runtime import resolve_precision
+from uniseg_cli.inference.runtime import choose_precision, resolve_precision
 from uniseg_cli.labels import Head
 from uniseg_cli.inference.sliding_window import WindowOptions, sliding_window
 
 
-def test_auto_precision_is_fp16_on_cuda_and_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch):
+def test_auto_is_faithful_and_fast_takes_bf16_channels_last_only_on_cpus_with_bf16_matrix_units(monkeypatch):
     from uniseg_cli.inference import runtime
 
     cpu = torch.device("cpu")
-    assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert runtime.resolve_precision("auto", torch.device("mps")) == "fp32"
-    for amx, avx512_bf16, expected, units in [(True, True, "bf16", "AMX"), (False, True, "bf16", "AVX-512 BF16"),
-                                              (False, False, "fp32", "")]:
+    for spec in ("auto", "fast"):
+        assert runtime.resolve_precision(spec, torch.device("cuda")) == "fp16"
+        assert runtime.resolve_precision(spec, torch.device("mps")) == "fp32"
+    for amx, avx512_bf16, fast, units in [(True, True, "bf16", "AMX"), (False, True, "bf16", "AVX-512 BF16"),
+                                          (False, False, "fp32", "")]:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        choice = runtime.choose_precision("auto", cpu)
-        assert (choice.precision, runtime.cpu_bf16_units()) == (expected, units)
-        assert (units in choice.why) if units else ("no bf16 matrix units" in choice.why)
-        assert runtime.channels_last(choice.precision, cpu) == (expected == "bf16")
-        assert runtime.resolve_precision("fp32", cpu) == "fp32"   # asked for: the published computation
+        assert runtime.cpu_bf16_units() == units
+        auto, quick = runtime.choose_precision("auto", cpu), runtime.choose_precision("fast", cpu)
+        assert auto.precision == "fp32" and not auto.near_tie   # the published computation on every CPU
+        assert (units in auto.why) if units else ("no bf16 matrix units" in auto.why)
+        assert quick.precision == fast and not quick.near_tie
+        assert runtime.channels_last(quick.precision, cpu) == (fast == "bf16")
+        checked = runtime.choose_precision("bf16-checked", cpu)
+        assert (checked.precision, checked.near_tie) == ("bf16", runtime.NEAR_TIE_MARGIN)
         assert runtime.resolve_precision("bf16", cpu) == "bf16"
     assert not runtime.channels_last("bf16", torch.device("cuda"))
-    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16, fp16, got 'fast'"):
-        runtime.resolve_precision("fast", cpu)
+    with pytest.raises(UsageError, match="--precision must be one of auto, fast, fp32, bf16, bf16-checked, fp16, "
+                                         "got 'fp8'"):
+        runtime.resolve_precision("fp8", cpu)
 
 
 def test_training_precision_is_the_recipes_mixed_precision_and_bf16_on_native_cpus(monkeypatch):
@@ -175,12 +180,12 @@ def test_one_default_precision_for_the_command_the_api_and_validation(small_mode
     from uniseg_cli.inference.predictor import Segmenter
 
     assert WindowOptions().precision == "auto"                 # was fp32 here while predict said auto
-    assert Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False)).window.precision == \
-        resolve_precision("auto", torch.device("cpu"))
+    choice = choose_precision("auto", torch.device("cpu"))      # bf16 or fp32, by this CPU's units
+    window = Segmenter(coarse_model_dir, device="cpu", window=WindowOptions(mirror=False)).window
+    assert (window.precision, window.near_tie) == (choice.precision, choice.near_tie)
     with torch.inference_mode():
         auto = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
-        chosen = resolve_precision("auto", torch.device("cpu"))   # bf16 or fp32, by this CPU's units
-        same = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision=chosen))[0]
+        same = sliding_window(small_model, ct_patch[0], [Head(1, 3)], window)[0]
         assert torch.equal(auto, same)
         with pytest.raises(UsageError, match="--precision must be one of"):
             sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(precision="fp8"))   # was: silently fp32

@@ -96,15 +96,18 @@ def test_tta_flips_only_the_models_mirror_axes(small_model, ct_patch):
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)  # float32 rounding of the batched flips
         unmirrored = UniSeg(small_model.config.with_changes(mirror_axes=())).eval()
         unmirrored.load_state_dict(small_model.state_dict())
-        plain = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False))[0]
-        assert torch.equal(sliding_window(unmirrored, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=True))[0], plain)
+        plain = sliding_window(small_model, ct_patch[0], [Head(1, 3)], WindowOptions(mirror=False, precision="fp32"))[0]
+        mirrored = WindowOptions(mirror=True, precision="fp32")
+        assert torch.equal(sliding_window(unmirrored, ct_patch[0], [Head(1, 3)], mirrored)[0], plain)
 
 
 def test_tasks_sharing_the_encoder_and_batched_tiles_change_nothing(small_model, ct_volume):
     data = torch.from_numpy(np.clip(ct_volume[30:80, 10:90, 20:110], -325, 325) / 650 + 0.5)[None].float()
     with torch.inference_mode():
-        together = sliding_window(small_model, data, [Head(0, 3), Head(6, 2)], WindowOptions(mirror=False, step=0.5))
-        alone = sliding_window(small_model, data, [Head(6, 2)], WindowOptions(mirror=False, step=0.5, batch_size=3))
+        together = sliding_window(small_model, data, [Head(0, 3), Head(6, 2)],
+                                  WindowOptions(mirror=False, step=0.5, precision="fp32"))
+        alone = sliding_window(small_model, data, [Head(6, 2)],
+                               WindowOptions(mirror=False, step=0.5, batch_size=3, precision="fp32"))
     assert together[0].shape == (3, 50, 80, 90) and together[1].shape == (2, 50, 80, 90)
     torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=0)
     # Softmax restricted to the task's classes: each voxel's probabilities sum to at most 1.
@@ -117,7 +120,8 @@ def test_progress_counts_every_pass_over_a_tile(small_model, ct_volume, mirror, 
     tiles = np.prod([len(s) for s in tile_starts(data.shape[1:], small_model.config.patch_size, 0.5)])
     reports = []
     with torch.inference_mode():
-        sliding_window(small_model, data, [Head(1, 3)], WindowOptions(mirror=mirror, batch_size=batch_size),
+        sliding_window(small_model, data, [Head(1, 3)], WindowOptions(mirror=mirror, batch_size=batch_size,
+                                                                    precision="fp32"),
                        on_progress=lambda done, total: reports.append((done, total)))
     passes = tiles * (8 if mirror else 1)
     assert {total for _, total in reports} == {passes} and reports[-1][0] == passes
@@ -131,7 +135,8 @@ def test_encoder_and_fusion_run_once_per_tile_for_several_tasks(small_model, ct_
     small_model.fusion_layer.register_forward_hook(lambda *_: calls.__setitem__("fusion", calls["fusion"] + 1))
     small_model.tu[0].register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
     with torch.inference_mode():
-        sliding_window(small_model, ct_patch[0], [Head(0, 3), Head(1, 3), Head(6, 2)], WindowOptions(mirror=False))
+        sliding_window(small_model, ct_patch[0], [Head(0, 3), Head(1, 3), Head(6, 2)],
+                       WindowOptions(mirror=False, precision="fp32"))
     assert calls == {"encoder": 1, "fusion": 1, "decoder": 3}
 
 

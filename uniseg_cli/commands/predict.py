@@ -28,8 +28,8 @@ def predict(
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_HELP}."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation: the average over every flip of the axes the model was trained to mirror (its config.json mirror_axes: 8 flips for the published model, fewer or none for others; the log says which). Default on, as published; off is that many times faster."),
     step: Optional[float] = typer.Option(None, "--step", min=0.01, max=1.0, help="Tile step as a fraction of the patch size (default 0.5, as published: half-overlapping tiles); larger is faster."),
-    fast: bool = typer.Option(False, "--fast", help="Preset: --no-tta --step 0.75 (explicit options still win). Its speed and agreement with the default: docs/benchmarks.md."),
-    precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fp32|bf16|fp16", help="Network precision. auto (default): fp16 autocast on CUDA; bf16 channels-last on CPUs with bf16 matrix units (AMX, AVX-512 BF16), several times faster there with label maps that agree with fp32 (docs/benchmarks.md); fp32 on other CPUs. fp32: the published computation (on CUDA with TF32 off). -v logs the choice."),
+    fast: bool = typer.Option(False, "--fast", help="Preset: --no-tta --step 0.75 --precision fast (explicit options still win). Its speed and agreement with the default: docs/benchmarks.md."),
+    precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fast|fp32|bf16|bf16-checked|fp16", help="Network precision. auto (default): fp16 autocast on CUDA (it gave fp32's label maps), fp32 elsewhere. fast (default with --fast): also bf16 channels-last on CPUs with bf16 matrix units (AMX, AVX-512 BF16; 2.3x fp32 per pass there, maps slightly different). bf16-checked: bf16 with the tiles that hold a near tie recomputed in fp32 (maps within Dice 0.998 of fp32's where measured; faster than fp32 only where most tiles hold none). fp32: the published computation (on CUDA with TF32 off). -v logs the choice and why."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Tiles per forward pass (more needs more memory; same result)."),
     save_probabilities: Optional[str] = typer.Option(None, "--save-probabilities", metavar="npz|nifti", help="Also write the task-class probabilities beside the label map: npz (float16) or nifti (float32)."),
     modality: Optional[str] = typer.Option(None, "--modality", help="With --task all on one-channel scans: CT or MR (default: CT if the scan has values below -500)."),
@@ -80,7 +80,7 @@ def predict(
         raise UsageError(f"--save-probabilities must be npz or nifti, got {save_probabilities!r}")
     if modality is not None and modality.upper() not in ("CT", "MR"):
         raise UsageError(f"--modality must be CT or MR, got {modality!r}")
-    precision = "auto" if precision is None else precision
+    precision = ("fast" if fast else "auto") if precision is None else precision
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     tta = (not fast) if tta is None else tta

@@ -94,12 +94,12 @@ def run_batch(arguments: Sequence[str], stdin: Iterable[str], *, task: str, mode
     options = segmenter.window
     log.info("%d case(s), task %s, model %s on %s (%s, TTA %s, step %g)", len(todo_plans), key,
              segmenter.model_name + (" (default)" if model is None else ""),
-             segmenter.device, options.precision, _tta(options.mirror, segmenter.model.config.mirror_axes), options.step)
+             segmenter.device, options.precision_label, _tta(options.mirror, segmenter.model.config.mirror_axes), options.step)
     records: dict[str, dict] = {}
     run_report = None
     if report_file is not None:
         run_report = RunReport(report_file, model=segmenter.model_name, model_file=segmenter.weights_file,
-                               device=str(segmenter.device), precision=options.precision,
+                               device=str(segmenter.device), precision=options.precision_label,
                                shard={"index": where.index, "count": where.count, "source": where.source}
                                if where else None, cases=len(todo_plans),
                                settings={"task": task, "step": options.step, "tta": options.mirror,

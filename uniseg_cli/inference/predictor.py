@@ -78,7 +78,8 @@ class Segmenter:
             self.weights_file = where if where.is_file() else where / WEIGHTS_NAME
         choice = choose_precision(window.precision, self.device)
         log.debug("precision %s (%s)", choice.precision, choice.why)
-        self.window = replace(window, precision=choice.precision)
+        self.window = replace(window, precision=choice.precision,
+                              near_tie=choice.near_tie if window.near_tie is None else window.near_tie)
         self.model.set_channels_last(channels_last(choice.precision, self.device))
         self.max_memory = max_memory
         self.postprocessing = postprocessing

@@ -11,44 +11,62 @@ import torch
 
 from uniseg_cli.errors import UsageError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fast", "fp32", "bf16", "bf16-checked", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+#: A voxel whose two likeliest classes (or a region's probability and 0.5) lie closer than this in a bf16
+#: pass is a near tie that bf16's rounding may decide differently from fp32; ``bf16-checked`` recomputes
+#: the tiles holding one in fp32 (``sliding_window``). More than twice the largest bf16-fp32 probability
+#: difference measured on trained models (docs/benchmarks.md, "CPU bf16 channels-last").
+NEAR_TIE_MARGIN = 0.2
 
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    """The precision a run uses and why (``predict -v`` logs both)."""
+    """The precision a run uses and why (``predict -v`` logs both). ``near_tie``: recompute in fp32 the
+    tiles holding a voxel decided by less than this margin (0: never)."""
 
     precision: str
     why: str
+    near_tie: float = 0.0
 
 
 def choose_precision(spec: str, device: torch.device) -> PrecisionChoice:
     """The inference precision for ``--precision spec`` on ``device``.
 
-    ``auto`` (the default): fp16 autocast on CUDA, where it gave fp32's label maps; on a CPU with bf16
-    matrix units (AMX, or AVX-512 BF16 dot products) bf16 in the channels-last layout, 2-9× faster per
-    pass there with label maps that agree with fp32's (docs/benchmarks.md); fp32 on every other CPU,
-    where bf16 is emulated and slower, and on MPS. The CPU's feature flags decide, not a timing probe:
-    a probe costs start-up time and, on a shared machine, could pick differently from one run to the
-    next and so give a different label map for the same command. ``fp32`` is the published
-    computation bit for bit (on CUDA with TF32 off).
+    ``auto`` (the default) is the faithful choice: fp16 autocast on CUDA, where it gave fp32's label maps,
+    and fp32 elsewhere. ``fast`` (what ``--fast`` picks) is the fastest with measured agreement: on a CPU
+    with bf16 matrix units (AMX, or AVX-512 BF16 dot products) bf16 in the channels-last layout, 2.3× fp32
+    per published-size pass on AVX-512 BF16. bf16 is not ``auto`` on those CPUs because it moved up to
+    5% of a trained model's smallest structure, and ``bf16-checked``, which recomputes the tiles holding a
+    near tie in fp32 and so gave fp32's maps, was no faster than fp32 on the trained models measured
+    (their structures reach half or all of the tiles; docs/benchmarks.md). The CPU's feature flags
+    decide, not a timing probe: a probe costs start-up time and, on a shared machine, could pick
+    differently from one run to the next and so give a different label map for the same command.
+    ``fp32`` is the published computation bit for bit (on CUDA with TF32 off).
     """
     if spec not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {spec!r}")
-    if spec != "auto":
-        if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UsageError(f"{device} has no bfloat16 support; use --precision fp16 or fp32")
+    if spec in ("bf16", "bf16-checked") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"{device} has no bfloat16 support; use --precision fp16 or fp32")
+    if spec == "bf16-checked":
+        return PrecisionChoice("bf16", f"--precision bf16-checked: tiles holding a near tie (margin < "
+                                       f"{NEAR_TIE_MARGIN}) again in fp32", NEAR_TIE_MARGIN)
+    if spec not in ("auto", "fast"):
         return PrecisionChoice(spec, "--precision " + spec)
     if device.type == "cuda":
-        return PrecisionChoice("fp16", "auto: fp16 autocast on CUDA")
-    if device.type == "cpu":
-        units = cpu_bf16_units()
-        if units:
-            return PrecisionChoice("bf16", f"auto: this CPU has bf16 matrix units ({units}): bf16, channels-last")
-        return PrecisionChoice("fp32", "auto: this CPU has no bf16 matrix units (no AMX, no AVX-512 BF16), where "
-                                       "bf16 is slower than fp32")
-    return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
+        return PrecisionChoice("fp16", f"{spec}: fp16 autocast on CUDA")
+    if device.type != "cpu":
+        return PrecisionChoice("fp32", f"{spec}: fp32 on {device.type}")
+    units = cpu_bf16_units()
+    if spec == "fast" and units:
+        return PrecisionChoice("bf16", f"fast: this CPU has bf16 matrix units ({units}): bf16, channels-last")
+    if units:
+        return PrecisionChoice("fp32", f"auto: fp32 on the CPU, the published computation (this CPU has {units}: "
+                                       "--fast or --precision bf16 is faster, with slightly different maps)")
+    return PrecisionChoice("fp32", f"{spec}: fp32 (this CPU has no bf16 matrix units, no AMX or AVX-512 BF16, "
+                                   "where bf16 is slower)")
 
 
 def resolve_precision(spec: str, device: torch.device) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uniseg_cli.inference.runtime import channels_last, precision_context, resolve_precision
+from uniseg_cli.inference.runtime import channels_last, choose_precision, precision_context
 from uniseg_cli.labels import Head
 from uniseg_cli.model.blocks import inference_kernels
 from uniseg_cli.model.network import UniSeg
 from uniseg_cli.quality.confidence import flip_entropy as entropy_of_flip
 from uniseg_cli.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 def tile_starts(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
@@ -84,14 +87,21 @@ class WindowOptions:
     """How to slide: ``step`` as a fraction of the patch (0.5 = half-overlapping tiles, the published
     default), ``mirror`` for 8-way mirroring TTA (on by default, as published), ``batch_size`` tiles
     per forward pass (more uses more memory, same result), ``precision`` of the network (``auto``:
-    fp16 autocast on CUDA, bf16 channels-last on CPUs with bf16 matrix units, fp32 elsewhere; see
-    ``runtime.choose_precision``; probabilities are always accumulated in float32). One default for
-    the command, the Python API and training's validation."""
+    fp16 autocast on CUDA, fp32 elsewhere; see ``runtime.choose_precision``; probabilities are always
+    accumulated in float32). One default for the command, the Python API and training's validation."""
 
     step: float = 0.5
     mirror: bool = True
     batch_size: int = 1
     precision: str = "auto"
+    #: recompute in fp32 the tiles holding a voxel decided by less than this margin; None: as ``precision``
+    #: chooses (``bf16-checked``: ``runtime.NEAR_TIE_MARGIN``; every other: never)
+    near_tie: float | None = None
+
+    @property
+    def precision_label(self) -> str:
+        """The precision as logs and run reports state it."""
+        return f"{self.precision}, fp32 near ties" if self.near_tie else self.precision
 
 
 def heads(tasks: Sequence[Task]) -> list[Head]:
@@ -114,13 +124,14 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
     moves every few seconds even when one tile's 8 mirrored passes take a minute on a CPU.
     With ``flip_entropy`` each tensor has one more channel, last: the normalised entropy of each mirrored
     copy's probabilities, averaged like them (``uniseg_cli.quality.confidence``: what the TTA
-    disagreement map subtracts), at no extra network pass.
+    disagreement map subtracts), at no extra network pass. With a near-tie margin (``bf16-checked``) the
+    tiles holding a voxel that the reduced-precision pass decided by less than it are run again in fp32,
+    and those voxels get exactly the fp32 pass's sums (``near_ties``).
     """
     patch = model.config.patch_size
     padded, crop = pad_to_patch(data, patch)
     device = padded.device
-    precision = resolve_precision(options.precision, device)
-    model.set_channels_last(channels_last(precision, device))
+    choice = choose_precision(options.precision, device)
     results = accumulate_on or device
     gaussian = _gaussian_on(tuple(patch), torch.device(results))
     extra = int(flip_entropy)
@@ -137,19 +148,78 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
         if on_progress is not None:
             on_progress(done, passes)
 
-    for first in range(0, len(corners), options.batch_size):
-        batch_corners = corners[first:first + options.batch_size]
-        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in batch_corners]
-        x = torch.stack([padded[(slice(None), *w)] for w in windows])
-        with precision_context(precision, device), inference_kernels(device):
-            predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors, mirror_done,
-                                                                       flip_entropy=flip_entropy)]
-        for i, window in enumerate(windows):
-            weights[window] += gaussian
-            for total, prediction in zip(sums, predictions):
-                total[(slice(None), *window)].addcmul_(prediction[i], gaussian)  # no temporary per tile
+    def accumulate(tiles: Sequence[tuple[int, ...]], precision: str, only: torch.Tensor | None = None) -> None:
+        """Add the tiles' Gaussian-weighted predictions to ``sums`` and ``weights`` (with ``only``, a boolean
+        map of the padded grid, there alone: ×1 and +0 elsewhere, so those voxels get exactly the sums
+        of a whole pass at ``precision``)."""
+        model.set_channels_last(channels_last(precision, device))
+        for first in range(0, len(tiles), options.batch_size):
+            windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch))
+                       for corner in tiles[first:first + options.batch_size]]
+            x = torch.stack([padded[(slice(None), *w)] for w in windows])
+            with precision_context(precision, device), inference_kernels(device):
+                predictions = [p.to(results) for p in _predict_tile_batch(model, x, tasks, mirrors, mirror_done,
+                                                                           flip_entropy=flip_entropy)]
+            for i, window in enumerate(windows):
+                mask = None if only is None else only[window].to(torch.float32)
+                weights[window] += gaussian if mask is None else gaussian * mask
+                for total, prediction in zip(sums, predictions):
+                    tile = prediction[i] if mask is None else prediction[i] * mask
+                    total[(slice(None), *window)].addcmul_(tile, gaussian)  # no temporary per tile
+
+    accumulate(corners, choice.precision)
+    margin = choice.near_tie if options.near_tie is None else options.near_tie
+    if margin and choice.precision != "fp32":
+        near = near_ties(sums, weights, tasks, crop, margin)
+        again = [c for c in corners if near[tuple(slice(a, a + p) for a, p in zip(c, patch))].any()]
+        log.debug("%d of %d tiles hold a near tie (margin < %g, %.4f%% of the voxels): again in fp32",
+                  len(again), len(corners), margin, 100 * near.float().mean().item())
+        if again:
+            passes += len(again) * len(mirrors)
+            weights[near] = 0
+            for total in sums:
+                total[:, near] = 0
+            accumulate(again, "fp32", near)
     weights = weights[crop]
     return [total[(slice(None), *crop)] / weights for total in sums]
+
+
+#: z-slices of the accumulators looked at together when finding near ties (bounds the temporaries)
+_SLAB = 16
+
+
+def near_ties(sums: Sequence[torch.Tensor], weights: torch.Tensor, tasks: Sequence[Head], crop: tuple[slice, ...],
+              margin: float) -> torch.Tensor:
+    """Where a reduced-precision pass may have decided differently from fp32: the voxels inside ``crop``
+    whose two likeliest classes (softmax heads) or a region's probability and 0.5 (sigmoid heads) lie
+    within ``margin`` in some task, and their neighbours (the export interpolates between them), as a
+    boolean map of the padded grid. Slab by slab along z, so that no full-size temporary exists."""
+    near = torch.zeros(weights.shape, dtype=torch.bool, device=weights.device)
+    z = crop[0]
+    for start in range(z.start, z.stop, _SLAB):
+        # one slice more on each side for the dilation, within the crop
+        low, high = max(start - 1, z.start), min(start + _SLAB + 1, z.stop)
+        w = weights[(slice(low, high), *crop[1:])]
+        tie = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+        for total, head in zip(sums, tasks):
+            p = total[(slice(0, head.outputs), slice(low, high), *crop[1:])] / w
+            if head.sigmoid:
+                tie |= ((p - 0.5).abs() < margin).any(0)
+            elif head.outputs > 1:
+                tie |= _top_two_gap(p) < margin
+        grown = torch.nn.functional.max_pool3d(tie[None, None].to(torch.float32), 3, 1, 1)[0, 0] > 0
+        near[(slice(start, min(start + _SLAB, z.stop)), *crop[1:])] = grown[start - low:start - low + _SLAB]
+    return near
+
+
+def _top_two_gap(p: torch.Tensor) -> torch.Tensor:
+    """Largest minus second-largest along the first (class) axis: a running pair over the few classes,
+    where ``topk`` over a short leading axis is slow on the CPU."""
+    first, second = p[0].clone(), torch.full_like(p[0], -math.inf)
+    for c in range(1, p.shape[0]):
+        torch.maximum(second, torch.minimum(first, p[c]), out=second)
+        torch.maximum(first, p[c], out=first)
+    return first - second
 
 
 def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:

@@ -256,7 +256,7 @@ def evaluate_validation(output: Path, data: TaskData, options: TrainOptions, tol
     result = report(cases, tolerance)
     result["labels"] = {str(i): label for i, label in enumerate(data.task.labels, start=1)}
     result["model"] = str(output)
-    result["settings"] = {"step": window.step, "tta": window.mirror, "precision": segmenter.window.precision}
+    result["settings"] = {"step": window.step, "tta": window.mirror, "precision": segmenter.window.precision_label}
     write_text(output / EVALUATION_NAME, json.dumps(result, indent=2) + "\n")
     return result
 
