@@ -2,13 +2,14 @@
 the time goes (not a test).
 
 The published configuration with seeded random weights, the allocator `uniseg predict` uses, inference
-mode and uniseg's inference kernels; one warm-up pass, then the median of `--passes` timed passes per
-precision, and one profiled pass that splits the time into convolutions and everything else.
+mode, uniseg's inference kernels and its layout (bf16 on the CPU: channels-last); one warm-up pass, then
+the median of `--passes` timed passes per precision, and one profiled pass that splits the time into
+convolutions and everything else.
 
 On the CPU each precision is also set against the peak measured in the same process, right after its
 passes (the clock of a shared virtual machine drifts by ±15% between runs): the best FLOP/s of single
-large 3×3×3 oneDNN convolutions, which is what the hardware demonstrably delivers (a lower bound of its
-theoretical peak).
+large 3×3×3 oneDNN convolutions in the pass's layout, which is what the hardware demonstrably delivers
+(a lower bound of its theoretical peak).
 
     python benchmarks/forward_profile.py [--precisions fp32,bf16] [--passes 3] [--device cpu]
 """
@@ -31,7 +32,7 @@ CONVOLUTIONS = ("aten::mkldnn_convolution", "aten::slow_conv3d_forward", "aten::
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated; fast = what --fast picks")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -39,7 +40,7 @@ def main() -> None:
     from measures import flops_per_forward
 
     from uniseg_cli.config import UniSegConfig
-    from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, precision_context
+    from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, channels_last, precision_context, resolve_precision
     from uniseg_cli.model.blocks import inference_kernels
     from uniseg_cli.model.network import UniSeg
 
@@ -55,7 +56,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for precision in args.precisions.split(","):
+    for asked in args.precisions.split(","):
+        precision = resolve_precision(asked, device)
+        layout = channels_last(precision, device)
+        model.set_channels_last(layout)
         with torch.inference_mode(), precision_context(precision, device), inference_kernels(device):
             model(x, 1)
             times = []
@@ -72,12 +76,14 @@ def main() -> None:
         total = sum(e.self_cpu_time_total for e in events)
         convolution = sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTIONS)
         seconds = statistics.median(times)
+        precision = f"{asked} ({precision}{', channels-last' if layout else ''})" if asked != precision else \
+            f"{precision}{' channels-last' if layout else ''}"
         print(f"{precision}: {seconds:.2f} s per pass (of {', '.join(f'{t:.2f}' for t in times)}), "
               f"{flops / seconds / 1e12:.3f} TFLOP/s; convolutions {100 * convolution / total:.0f}% of the "
               f"profiled time, {flops / (seconds * convolution / total) / 1e12:.3f} TFLOP/s while convolving",
               flush=True)
         if device.type == "cpu":
-            peak = measured_peak(AUTOCAST_DTYPES.get(precision, torch.float32))
+            peak = measured_peak(AUTOCAST_DTYPES.get(resolve_precision(asked, device), torch.float32), layout)
             print(f"{precision}: measured peak {peak / 1e12:.3f} TFLOP/s; a pass reaches "
                   f"{100 * flops / seconds / peak:.0f}% of it", flush=True)
 
@@ -86,12 +92,13 @@ def main() -> None:
 PEAK_SHAPES = ((128, 16, 32, 32), (256, 16, 48, 48), (320, 16, 32, 32))
 
 
-def measured_peak(dtype: torch.dtype, repeats: int = 7) -> float:
+def measured_peak(dtype: torch.dtype, layout_channels_last: bool = False, repeats: int = 7) -> float:
     """FLOP/s of the fastest of several large 3×3×3 oneDNN convolutions (best of ``repeats`` each)."""
     best = 0.0
+    memory_format = torch.channels_last_3d if layout_channels_last else torch.contiguous_format
     for channels, *size in PEAK_SHAPES:
-        x = torch.randn(1, channels, *size).to(dtype)
-        weight = torch.randn(channels, channels, 3, 3, 3).to(dtype)
+        x = torch.randn(1, channels, *size).to(dtype).contiguous(memory_format=memory_format)
+        weight = torch.randn(channels, channels, 3, 3, 3).to(dtype).contiguous(memory_format=memory_format)
         flop = 2 * channels * channels * 27 * x[0, 0].numel()
         with torch.inference_mode():
             for _ in range(repeats + 1):  # the first call sets up oneDNN's kernel

@@ -112,15 +112,16 @@ def main() -> None:
     UniSeg.encode = counted_encode
 
     presets = {
-        "fp32": ("kidney", WindowOptions(mirror=False)),
+        "fp32": ("kidney", WindowOptions(mirror=False, precision="fp32")),
+        "auto": ("kidney", WindowOptions(mirror=False)),
         "bf16": ("kidney", WindowOptions(mirror=False, precision="bf16")),
         "fp16": ("kidney", WindowOptions(mirror=False, precision="fp16")),
         "fast": ("kidney", WindowOptions(mirror=False, step=0.75, precision="fast")),  # the --fast preset
-        "fast-fp32": ("kidney", WindowOptions(mirror=False, step=0.75)),
-        "batch2": ("kidney", WindowOptions(mirror=False, batch_size=2)),
-        "batch4": ("kidney", WindowOptions(mirror=False, batch_size=4)),
-        "all": ("all", WindowOptions(mirror=False)),
-        "tta": ("kidney", WindowOptions(mirror=True)),
+        "fast-fp32": ("kidney", WindowOptions(mirror=False, step=0.75, precision="fp32")),
+        "batch2": ("kidney", WindowOptions(mirror=False, batch_size=2, precision="fp32")),
+        "batch4": ("kidney", WindowOptions(mirror=False, batch_size=4, precision="fp32")),
+        "all": ("all", WindowOptions(mirror=False, precision="fp32")),
+        "tta": ("kidney", WindowOptions(mirror=True, precision="fp32")),
         "tta-bf16": ("kidney", WindowOptions(mirror=True, precision="bf16")),
         "tta-fp16": ("kidney", WindowOptions(mirror=True, precision="fp16")),
     }

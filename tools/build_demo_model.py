@@ -2,7 +2,7 @@
 
     python tools/build_demo_model.py WORK_FOLDER [--epochs 40] [--base-features 4] [--max-features 32]
                                                  [--no-augment] [--hold-out-dicom-ct] [--shared ../shared/data]
-                                                 [--preset published] [--batch-size 2]
+                                                 [--preset published] [--batch-size 2] [--patch-size Z,Y,X]
 
 With ``--preset published`` it makes the benchmark asset of the precision-agreement benchmark instead:
 the published network (patch 64×192×192, 32–320 features) trained on the same scans, so that agreement is
@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("--preset", default="small", choices=["small", "published"],
                         help="small: the bundled demo (with --base/--max-features); published: the published network")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--patch-size", help="Z,Y,X: override the preset's patch (a published network on a CPU budget)")
     parser.add_argument("--no-augment", action="store_true",
                         help="train without augmentation (and so without mirroring TTA): fits the scans fastest")
     args = parser.parse_args()
@@ -152,6 +153,7 @@ def main() -> int:
         subprocess.run([*uniseg, "train", str(args.work / "preprocessed"), "-o", str(args.work / "model"),
                         "--preset", args.preset, *(["--base-features", str(args.base_features), "--max-features",
                                                     str(args.max_features)] if args.preset == "small" else []),
+                        *(["--patch-size", args.patch_size] if args.patch_size else []),
                         "--batch-size", str(args.batch_size), *(["--no-augment"] if args.no_augment else []), "--epochs",
                         str(args.epochs), "--batches-per-task",
                         str(args.batches_per_task), "--val-every", "10", "--split-file", str(split_file), "--device",
