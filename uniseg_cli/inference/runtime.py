@@ -39,7 +39,7 @@ def choose_precision(spec: str, device: torch.device) -> PrecisionChoice:
     and fp32 elsewhere. ``fast`` (what ``--fast`` picks) is the fastest with measured agreement: on a CPU
     with bf16 matrix units (AMX, or AVX-512 BF16 dot products) bf16 in the channels-last layout, 2.3× fp32
     per published-size pass on AVX-512 BF16. bf16 is not ``auto`` on those CPUs because it moved up to
-    5% of a trained model's smallest structure, and ``bf16-checked``, which recomputes the tiles holding a
+    7% of a trained model's smallest structure, and ``bf16-checked``, which recomputes the tiles holding a
     near tie in fp32 and so gave fp32's maps, was no faster than fp32 on the trained models measured
     (their structures reach half or all of the tiles; docs/benchmarks.md). The CPU's feature flags
     decide, not a timing probe: a probe costs start-up time and, on a shared machine, could pick
