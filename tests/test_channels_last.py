@@ -133,3 +133,18 @@ def test_bf16_checked_gives_the_trained_demo_models_fp32_label_map():
                                              axis_world=geometry.array_axis_world()).labels
     assert (maps["fp32"] == 1).sum() > 10_000                 # the kidneys are there
     assert np.array_equal(maps["checked"], maps["fp32"])
+
+
+def test_verbose_predict_logs_the_precision_chosen_why_and_the_tiles_redone(run_cli, tmp_path):
+    from conftest import CT
+
+    code, _, err = run_cli("-v", "predict", CT, "--task", "kidney", "-m", "uniseg-demo", "--no-tta", "--device", "cpu",
+                           "--precision", "bf16-checked", "-o", tmp_path / "kidney.nii.gz")
+    assert code == 0, err
+    assert "precision bf16 (--precision bf16-checked: tiles holding a near tie (margin < 0.2) again in fp32)" in err
+    assert "on cpu (bf16, fp32 near ties, TTA off, step 0.5)" in err
+    assert " of 54 tiles hold a near tie (margin < 0.2, " in err
+    code, _, err = run_cli("-v", "predict", CT, "--task", "kidney", "-m", "uniseg-demo", "--no-tta", "--device", "cpu",
+                           "-o", tmp_path / "default.nii.gz")
+    assert code == 0, err
+    assert "DEBUG: precision fp32 (auto: fp32" in err and "tiles hold a near tie" not in err

@@ -24,7 +24,7 @@ NEAR_TIE_MARGIN = 0.2
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    """The precision a run uses and why (``predict -v`` logs both). ``near_tie``: recompute in fp32 the
+    """The precision a run uses and why (``uniseg -v predict`` logs both). ``near_tie``: recompute in fp32 the
     tiles holding a voxel decided by less than this margin (0: never)."""
 
     precision: str
