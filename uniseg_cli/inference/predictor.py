@@ -24,7 +24,7 @@ from uniseg_cli.devices import pick_device
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.inference.cases import Case, case_name, group_channel_files, output_path
 from uniseg_cli.inference.phases import CaseResult, Label, NetworkInputs, Prediction, PreparedCase
-from uniseg_cli.inference.runtime import channels_last, choose_precision
+from uniseg_cli.inference.runtime import choose_precision
 from uniseg_cli.inference.sliding_window import WindowOptions, heads, sliding_window
 from uniseg_cli.io.images import read_channels
 from uniseg_cli.labels import Head, Structure
@@ -52,8 +52,7 @@ class Segmenter:
         or a loaded ``UniSeg``.
     device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a device.
     window: sliding-window step, mirroring TTA, tiles per forward pass and precision (``auto``: fp16
-        autocast on CUDA, bf16 channels-last on CPUs with bf16 matrix units, fp32 elsewhere;
-        ``runtime.choose_precision``).
+        autocast on CUDA, fp32 elsewhere; ``runtime.choose_precision``).
     postprocessing: nnU-Net's connected-component clean-up before writing (``uniseg_cli.quality.postprocess``).
     max_memory: bytes the arrays of one case may take (network input, probability accumulators,
         export slabs; the network's own working memory per tile is not counted): a case that needs more
@@ -78,9 +77,7 @@ class Segmenter:
             self.weights_file = where if where.is_file() else where / WEIGHTS_NAME
         choice = choose_precision(window.precision, self.device)
         log.debug("precision %s (%s)", choice.precision, choice.why)
-        self.window = replace(window, precision=choice.precision,
-                              near_tie=choice.near_tie if window.near_tie is None else window.near_tie)
-        self.model.set_channels_last(channels_last(choice.precision, self.device))
+        self.window = window.resolved(self.device)  # the network's layout follows in the sliding window
         self.max_memory = max_memory
         self.postprocessing = postprocessing
 

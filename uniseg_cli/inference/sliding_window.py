@@ -12,7 +12,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -98,6 +98,13 @@ class WindowOptions:
     #: chooses (``bf16-checked``: ``runtime.NEAR_TIE_MARGIN``; every other: never)
     near_tie: float | None = None
 
+    def resolved(self, device: torch.device) -> WindowOptions:
+        """These options with ``precision`` resolved for ``device`` (``runtime.choose_precision``) and
+        ``near_tie`` set: an explicit margin wins over the one the precision brings."""
+        choice = choose_precision(self.precision, device)
+        return replace(self, precision=choice.precision,
+                       near_tie=choice.near_tie if self.near_tie is None else self.near_tie)
+
     @property
     def precision_label(self) -> str:
         """The precision as logs and run reports state it."""
@@ -131,7 +138,7 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
     patch = model.config.patch_size
     padded, crop = pad_to_patch(data, patch)
     device = padded.device
-    choice = choose_precision(options.precision, device)
+    options = options.resolved(device)
     results = accumulate_on or device
     gaussian = _gaussian_on(tuple(patch), torch.device(results))
     extra = int(flip_entropy)
@@ -167,9 +174,9 @@ def sliding_window(model: UniSeg, data: torch.Tensor, tasks: Sequence[Head],
                     tile = prediction[i] if mask is None else prediction[i] * mask
                     total[(slice(None), *window)].addcmul_(tile, gaussian)  # no temporary per tile
 
-    accumulate(corners, choice.precision)
-    margin = choice.near_tie if options.near_tie is None else options.near_tie
-    if margin and choice.precision != "fp32":
+    accumulate(corners, options.precision)
+    margin = options.near_tie
+    if margin and options.precision != "fp32":
         near = near_ties(sums, weights, tasks, crop, margin)
         again = [c for c in corners if near[tuple(slice(a, a + p) for a, p in zip(c, patch))].any()]
         log.debug("%d of %d tiles hold a near tie (margin < %g, %.4f%% of the voxels): again in fp32",
