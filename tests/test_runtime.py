@@ -18,6 +18,8 @@ def test_auto_is_faithful_and_fast_takes_bf16_channels_last_only_on_cpus_with_bf
     for spec in ("auto", "fast"):
         assert runtime.resolve_precision(spec, torch.device("cuda")) == "fp16"
         assert runtime.resolve_precision(spec, torch.device("mps")) == "fp32"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     for amx, avx512_bf16, fast, units in [(True, True, "bf16", "AMX"), (False, True, "bf16", "AVX-512 BF16"),
                                           (False, False, "fp32", "")]:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
@@ -35,6 +37,28 @@ def test_auto_is_faithful_and_fast_takes_bf16_channels_last_only_on_cpus_with_bf
     with pytest.raises(UsageError, match="--precision must be one of auto, fast, fp32, bf16, bf16-checked, fp16, "
                                          "got 'fp8'"):
         runtime.resolve_precision("fp8", cpu)
+
+
+def test_a_onednn_isa_cap_below_the_bf16_units_gives_the_choice_of_a_cpu_without_them(monkeypatch):
+    from uniseg_cli.inference import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap, units in [("", "AMX"), ("AVX512_CORE_AMX", "AMX"), ("avx10_1_512_amx_fp16", "AMX"),
+                       ("AVX512_CORE_FP16", "AVX-512 BF16"), ("AVX512_CORE_BF16", "AVX-512 BF16"),
+                       ("AVX512_CORE_VNNI", ""), ("AVX2", ""), ("SSE41", ""), ("NOT_AN_ISA", "AMX")]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert runtime.cpu_bf16_units() == units, cap
+        assert runtime.resolve_precision("fast", cpu) == ("bf16" if units else "fp32")
+        assert runtime.resolve_training_precision("auto", cpu) == ("bf16" if units else "fp32")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN from this CPU's bf16 matrix units (AMX)" in \
+        runtime.choose_precision("fast", cpu).why
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")   # oneDNN's older name
+    assert runtime.cpu_bf16_units() == ""
 
 
 def test_training_precision_is_the_recipes_mixed_precision_and_bf16_on_native_cpus(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ def choose_precision(spec: str, device: torch.device) -> PrecisionChoice:
     if units:
         return PrecisionChoice("fp32", f"auto: fp32 on the CPU, the published computation (this CPU has {units}: "
                                        "--fast or --precision bf16 is faster, with slightly different maps)")
+    if cpu_bf16_units(capped=False):
+        return PrecisionChoice("fp32", f"{spec}: fp32 (ONEDNN_MAX_CPU_ISA={onednn_isa_cap()} keeps oneDNN from "
+                                       f"this CPU's bf16 matrix units ({cpu_bf16_units(capped=False)}), without "
+                                       "which bf16 is slower)")
     return PrecisionChoice("fp32", f"{spec}: fp32 (this CPU has no bf16 matrix units, no AMX or AVX-512 BF16, "
                                    "where bf16 is slower)")
 
@@ -107,11 +112,37 @@ def resolve_training_precision(spec: str, device: torch.device) -> str:
     return spec
 
 
-def cpu_bf16_units() -> str:
-    """The CPU's bf16 matrix units as torch's own CPU-capability checks see them ("AMX", "AVX-512 BF16";
-    "" without: there bf16 is emulated and slower than fp32)."""
-    checks = (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
-    return next((name for name, check in checks if getattr(torch.cpu, check, lambda: False)()), "")
+#: oneDNN's ISA levels as bit masks (its ``dnnl_cpu_isa_t``), for ``ONEDNN_MAX_CPU_ISA``: a level includes
+#: every level whose bits it holds.
+ONEDNN_ISA_MASKS = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNNI_2": 0x1F,
+                    "AVX512_CORE": 0x27, "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7,
+                    "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF, "AVX10_1_512_AMX": 0xFEF,
+                    "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF, "AVX512_CORE_AMX_FP16": 0x1FEF}
+_BF16_UNITS = (("AMX", "_is_amx_tile_supported", "AVX512_CORE_AMX"),
+               ("AVX-512 BF16", "_is_avx512_bf16_supported", "AVX512_CORE_BF16"))
+
+
+def cpu_bf16_units(capped: bool = True) -> str:
+    """The CPU's bf16 matrix units that oneDNN's convolutions may use ("AMX", "AVX-512 BF16"; "" without:
+    there bf16 is emulated and slower than fp32).
+
+    The CPU's flags as torch's own capability checks read them, capped by ``ONEDNN_MAX_CPU_ISA`` (or its
+    older name ``DNNL_MAX_CPU_ISA``) where that is set: a container or a user that caps oneDNN at AVX2 gets
+    the AVX2 choice, since oneDNN then does not use the bf16 units and bf16 costs more than fp32 (the
+    flags alone would pick bf16 there). An unknown value caps nothing,
+    as in oneDNN. ``capped=False``: the flags alone.
+    """
+    allowed = ONEDNN_ISA_MASKS.get(onednn_isa_cap()) if capped else None
+    for name, check, level in _BF16_UNITS:
+        needed = ONEDNN_ISA_MASKS[level]
+        if getattr(torch.cpu, check, lambda: False)() and (allowed is None or allowed & needed == needed):
+            return name
+    return ""
+
+
+def onednn_isa_cap() -> str:
+    """The ISA cap set for oneDNN in the environment (upper case; "" where none is set)."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
 
 
 def native_bf16_cpu() -> bool:
