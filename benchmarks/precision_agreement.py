@@ -23,6 +23,7 @@ published (slow with large models on a CPU; default off, which changes nothing i
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +67,19 @@ def model_spec(name: str, work: Path) -> str:
     return str(save_model(UniSeg(UniSegConfig()), work / "random-published"))
 
 
+class RedoneTiles(logging.Handler):
+    """Counts the tiles ``bf16-checked`` recomputed in fp32, from the sliding window's debug line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.redone = self.tiles = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "near tie" in record.msg:
+            self.redone += record.args[0]
+            self.tiles += record.args[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="uniseg-demo")
@@ -97,13 +111,20 @@ def main() -> None:
     choice = choose_precision(args.against, torch.device(args.device))
     print(f"model {args.model} on {args.device}; TTA {'on' if args.tta else 'off'}, step 0.5; "
           f"{args.against} = {choice.precision} ({choice.why})")
-    print("| case, task | fp32 | " + args.against + " | Dice per class | voxels differing |")
-    print("|---|---|---|---|---|")
+    counter = RedoneTiles()
+    window_log = logging.getLogger("uniseg_cli.inference.sliding_window")
+    window_log.setLevel(logging.DEBUG)
+    window_log.addHandler(counter)
+    checked = choice.near_tie > 0
+    print("| case, task | fp32 | " + args.against + " | Dice per class | voxels differing |" +
+          (" tiles again in fp32 |" if checked else ""))
+    print("|---|---|---|---|---|" + ("---|" if checked else ""))
     for case, paths, tasks in cases:
         data, geometry = read_channels(paths)
         for task in tasks:
             labels, seconds = {}, {}
             for name, segmenter in segmenters.items():
+                counter.redone = counter.tiles = 0
                 start = time.perf_counter()
                 labels[name] = segmenter.predict_array(data, geometry.spacing, task,
                                                        axis_world=geometry.array_axis_world()).labels
@@ -113,7 +134,8 @@ def main() -> None:
             scores = " / ".join(f"{dice(other, reference, v):.4f}" for v in range(1, len(classes) + 1))
             differing = np.count_nonzero(other != reference) / reference.size
             print(f"| {case}, {task} | {seconds['fp32']:.1f} s | {seconds[args.against]:.1f} s | {scores} | "
-                  f"{100 * differing:.4f}% |", flush=True)
+                  f"{100 * differing:.4f}% |" + (f" {counter.redone} of {counter.tiles} |" if checked else ""),
+                  flush=True)
 
 
 if __name__ == "__main__":
