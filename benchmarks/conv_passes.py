@@ -14,25 +14,23 @@ best of `--repeats` after one warm-up, and printed in TFLOP/s with the bf16/fp32
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from measures import best_seconds, conv3x3_operands
 
-# (channels, Z, Y, X) of the published network's stages at a 32×96×96 patch
-STAGES = ((32, 32, 96, 96), (64, 32, 48, 48), (128, 16, 24, 24), (256, 8, 12, 12))
-LAYOUTS = {"bf16 channels-last": (torch.bfloat16, torch.channels_last_3d),
-           "fp32 contiguous": (torch.float32, torch.contiguous_format)}
+from uniseg_cli.config import UniSegConfig
+
+PATCH = (32, 96, 96)
+LAYOUTS = {"bf16 channels-last": (torch.bfloat16, True), "fp32 contiguous": (torch.float32, False)}
 
 
-def best_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def stages(config: UniSegConfig, count: int = 4) -> list[tuple[int, tuple[int, ...]]]:
+    """(features, size) of the network's first ``count`` stages at its patch: the stride-1 convolutions."""
+    size, found = tuple(config.patch_size), []
+    for features, pool in zip(config.stage_features[:count], ((1, 1, 1), *config.pool_kernels)):
+        size = tuple(s // p for s, p in zip(size, pool))
+        found.append((features, size))
+    return found
 
 
 def main() -> None:
@@ -44,24 +42,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"TFLOP/s of 3x3x3 convolutions, batch {args.batch}")
     print(f"{'channels, size':<22}{'layout':<20}{'forward':>9}{'data grad':>11}{'weight grad':>13}{'all three':>11}")
-    for channels, *size in STAGES:
-        flop = 2 * args.batch * channels * channels * 27 * size[0] * size[1] * size[2]
+    for channels, size in stages(UniSegConfig(patch_size=PATCH)):
         rates: dict[str, list[float]] = {}
-        for name, (dtype, layout) in LAYOUTS.items():
-            x = torch.randn(args.batch, channels, *size).to(dtype).contiguous(memory_format=layout)
-            w = torch.randn(channels, channels, 3, 3, 3).to(dtype).contiguous(memory_format=layout)
+        for name, (dtype, channels_last) in LAYOUTS.items():
+            x, w, flop = conv3x3_operands(channels, size, batch=args.batch, dtype=dtype, channels_last=channels_last)
             g = torch.randn_like(x)
 
-            def backward(mask: list[bool]) -> Callable[[], object]:
-                return lambda: torch.ops.aten.convolution_backward(g, x, w, [channels], one, one, one, False,
-                                                                   [0, 0, 0], 1, mask)
+            def backward(mask: list[bool]) -> float:
+                return best_seconds(lambda: torch.ops.aten.convolution_backward(
+                    g, x, w, [channels], one, one, one, False, [0, 0, 0], 1, mask), args.repeats)
 
-            def forward() -> torch.Tensor:
-                return torch.ops.aten.mkldnn_convolution(x, w, None, one, one, one, 1)
-
-            seconds = [best_seconds(forward, args.repeats),
-                       best_seconds(backward([True, False, False]), args.repeats),
-                       best_seconds(backward([False, True, True]), args.repeats)]
+            seconds = [best_seconds(lambda: torch.ops.aten.mkldnn_convolution(x, w, None, one, one, one, 1),
+                                    args.repeats),
+                       backward([True, False, False]), backward([False, True, True])]
             rates[name] = [flop / s / 1e12 for s in seconds] + [3 * flop / sum(seconds) / 1e12]
             print(f"{f'{channels}, {size[0]}x{size[1]}x{size[2]}':<22}{name:<20}"
                   + "".join(f"{r:>{width}.3f}" for r, width in zip(rates[name], (9, 11, 13, 11))))

@@ -94,19 +94,16 @@ PEAK_SHAPES = ((128, 16, 32, 32), (256, 16, 48, 48), (320, 16, 32, 32))
 
 def measured_peak(dtype: torch.dtype, layout_channels_last: bool = False, repeats: int = 7) -> float:
     """FLOP/s of the fastest of several large 3×3×3 oneDNN convolutions (best of ``repeats`` each)."""
-    best = 0.0
-    memory_format = torch.channels_last_3d if layout_channels_last else torch.contiguous_format
-    for channels, *size in PEAK_SHAPES:
-        x = torch.randn(1, channels, *size).to(dtype).contiguous(memory_format=memory_format)
-        weight = torch.randn(channels, channels, 3, 3, 3).to(dtype).contiguous(memory_format=memory_format)
-        flop = 2 * channels * channels * 27 * x[0, 0].numel()
-        with torch.inference_mode():
-            for _ in range(repeats + 1):  # the first call sets up oneDNN's kernel
-                start = time.perf_counter()
-                torch.ops.aten.mkldnn_convolution(x, weight, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
-                best = max(best, flop / (time.perf_counter() - start))
-    return best
+    from measures import best_seconds, conv3x3_operands
 
+    best = 0.0
+    for channels, *size in PEAK_SHAPES:
+        x, weight, flop = conv3x3_operands(channels, tuple(size), dtype=dtype, channels_last=layout_channels_last)
+        with torch.inference_mode():
+            seconds = best_seconds(lambda: torch.ops.aten.mkldnn_convolution(
+                x, weight, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1), repeats)
+        best = max(best, flop / seconds)
+    return best
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,12 @@
-"""What the benchmarks measure, in one place: label-map agreement and the FLOPs of a forward pass.
+"""What the benchmarks measure, in one place: label-map agreement, the FLOPs of a forward pass and the speed of
+single 3×3×3 convolutions.
 
 Imports nothing heavy at module level, so that a benchmark can still choose the allocator before torch loads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,3 +32,29 @@ def flops_per_forward(config: Any) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, 1)
     return float(counter.get_total_flops())
+
+
+def best_seconds(work: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``work``, after one untimed call (oneDNN sets its kernel up there)."""
+    import time
+
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def conv3x3_operands(channels: int, size: tuple[int, ...], *, batch: int = 1, dtype: Any = None,
+                     channels_last: bool = False) -> tuple[Any, Any, float]:
+    """Input and weight of a ``channels``→``channels`` 3×3×3 convolution over ``size`` (random, in ``dtype``
+    and the layout asked for) and its FLOPs (2 × multiply-adds, padding counted as the convolution does)."""
+    import torch
+
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    dtype = dtype or torch.float32
+    x = torch.randn(batch, channels, *size).to(dtype).contiguous(memory_format=layout)
+    weight = torch.randn(channels, channels, 3, 3, 3).to(dtype).contiguous(memory_format=layout)
+    return x, weight, 2.0 * channels * channels * 27 * x[:, 0].numel()
