@@ -82,6 +82,18 @@ def test_concentric_spheres():
     assert score.hd95 == pytest.approx(hd95) and score.nsd == pytest.approx(nsd) and nsd < 0.2
 
 
+def test_masks_on_the_border_of_a_larger_image():
+    """Surfaces and distances are computed in the masks' box: a mask cut by the image border keeps its
+    border face, and the figures equal the whole image's."""
+    shape, spacing = (30, 50, 44), (2.5, 0.9, 0.7)
+    p = _cube(shape, (0, 3, 30), (6, 12, 14))                                   # on two image borders
+    r = _sphere(shape, (3, 10, 36), 5, spacing) | _cube(shape, (20, 40, 2), (3, 3, 3))   # and a far island
+    score = score_label(p, r, spacing, 2.0)
+    hd95, nsd = _brute_force(p, r, spacing, 2.0)
+    assert score.hd95 == pytest.approx(hd95) and score.nsd == pytest.approx(nsd) and 0 < nsd < 1
+    assert score.dice == pytest.approx(2 * (p & r).sum() / (p.sum() + r.sum()))
+
+
 def test_empty_mask_convention():
     empty, full = np.zeros((5, 5, 5), bool), _cube((5, 5, 5), (1, 1, 1), (2, 2, 2))
     both = score_label(empty, empty, (1, 1, 1), 1.0)
