@@ -71,7 +71,7 @@ def test_region_loss_matches_a_hand_computation():
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 3, 5, 5, generator=generator)                  # 4 network outputs, 2 regions used
-    target = torch.randint(0, 3, (2, 3, 5, 5), generator=generator)
+    target = torch.randint(0, 4, (2, 3, 5, 5), generator=generator)       # class 3 lies in no region
     regions = ((1, 2), (2,))
     masks = [((target == 1) | (target == 2)).float(), (target == 2).float()]
     bce = np.mean([torch.nn.functional.binary_cross_entropy_with_logits(logits[:, i], m).item()
