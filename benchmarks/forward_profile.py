@@ -105,5 +105,6 @@ def measured_peak(dtype: torch.dtype, layout_channels_last: bool = False, repeat
         best = max(best, flop / seconds)
     return best
 
+
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from uniseg_cli.data.preprocessing import nonzero_bbox
 from uniseg_cli.errors import UnisegError, UsageError
 from uniseg_cli.io.images import IMAGE_ENDINGS, Geometry, read_image, strip_ending
 
@@ -58,22 +59,6 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every voxel of a non-empty ``mask``.
-
-    Surfaces and distances are computed inside the box of both masks, which gives exactly the
-    whole image's values: a masked voxel on the box's side has its outer neighbour outside both masks,
-    as the border convention treats the image's edge, and every surface voxel a distance can end on lies
-    in the box. An organ in a whole CT then costs its box, not the scan (distance transforms of a
-    512×512×600 image take seconds each).
-    """
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def _distances_to(target_surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Distance (mm) of every voxel to the nearest voxel of ``target_surface``."""
     from scipy import ndimage
@@ -91,7 +76,11 @@ def score_label(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence
     if np_ == 0 or nr == 0:
         return LabelScore(label, 0.0, None, 0.0, nr, np_)
     dice = 2 * int((p & r).sum()) / (np_ + nr)
-    box = _bounding_box(p | r)
+    # Surfaces and distances inside the box of both masks give exactly the whole image's values (a masked
+    # voxel on the box's side has its outer neighbour outside both masks, as the border convention treats
+    # the image's edge; every surface voxel a distance can end on lies in the box), and an organ in a whole
+    # CT then costs its box, not the scan (distance transforms of a 512×512×600 image take seconds each).
+    box = nonzero_bbox((p | r)[None])
     sp, sr = surface(p[box]), surface(r[box])
     p_to_r = _distances_to(sr, spacing)[sp]
     r_to_p = _distances_to(sp, spacing)[sr]
