@@ -25,6 +25,7 @@ from uniseg_cli.inference.allocator import tune_allocator
 tune_allocator()  # what `uniseg predict` does in its process, before torch is imported
 
 import torch  # noqa: E402
+from measures import best_seconds, conv3x3_operands, flops_per_forward  # noqa: E402
 
 CONVOLUTIONS = ("aten::mkldnn_convolution", "aten::slow_conv3d_forward", "aten::slow_conv_transpose3d",
                 "aten::cudnn_convolution", "aten::cudnn_convolution_transpose", "aten::_convolution")
@@ -36,8 +37,6 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-
-    from measures import flops_per_forward
 
     from uniseg_cli.config import UniSegConfig
     from uniseg_cli.inference.runtime import AUTOCAST_DTYPES, channels_last, precision_context, resolve_precision
@@ -94,8 +93,6 @@ PEAK_SHAPES = ((128, 16, 32, 32), (256, 16, 48, 48), (320, 16, 32, 32))
 
 def measured_peak(dtype: torch.dtype, layout_channels_last: bool = False, repeats: int = 7) -> float:
     """FLOP/s of the fastest of several large 3×3×3 oneDNN convolutions (best of ``repeats`` each)."""
-    from measures import best_seconds, conv3x3_operands
-
     best = 0.0
     for channels, *size in PEAK_SHAPES:
         x, weight, flop = conv3x3_operands(channels, tuple(size), dtype=dtype, channels_last=layout_channels_last)

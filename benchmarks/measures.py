@@ -6,6 +6,7 @@ Imports nothing heavy at module level, so that a benchmark can still choose the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,8 +37,6 @@ def flops_per_forward(config: Any) -> float:
 
 def best_seconds(work: Callable[[], object], repeats: int) -> float:
     """The fastest of ``repeats`` calls of ``work``, after one untimed call (oneDNN sets its kernel up there)."""
-    import time
-
     work()
     times = []
     for _ in range(repeats):
